@@ -1,0 +1,32 @@
+# Set-up and the two entry points. `make serve` / `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned to the CPU build here (the declared requirement in pyproject.toml is a range)
+TORCH ?= torch==2.13.0
+
+.PHONY: setup serve generate test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[serve,test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+serve: setup
+	$(VENV)/bin/collab-decode serve --pair demo
+
+generate: setup
+	$(VENV)/bin/collab-decode generate --pair demo --policy entropy:0.6 --prompt "Ann has 352 marbles. She finds 179 more. Then she gives away 86. How many marbles does Ann have now?" --chat
+
+test: setup
+	$(PY) -m pytest -x -q tests
+
+bench: setup
+	$(PY) -m collab_decode.bench.engine_bench
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,3 @@
+"""collab-decode: small-large collaborative decoding."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,123 @@
+"""The native backend: our Llama-family implementation over a paged K/V cache, on CPU or CUDA.
+
+prepare_inputs turns the engine's ragged batch (lists of ids, block tables) into device tensors once
+per forward: flattened token ids and positions, each new token's cache slot, the decode group's
+padded block tables and key mask, and the prefill chunks. The model then runs every chunk together.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from collab_decode.backends.base import ModelInput, ModelOutput
+from collab_decode.models.llama import AttentionMetadata, KVCache, LlamaForCausalLM, PrefillChunk
+from collab_decode.models.loader import load_model, resolve_dtype
+from collab_decode.models.rope import RotaryEmbedding
+
+
+class NativeBackend:
+    """Weights, K/V storage and the forward of one model."""
+
+    def __init__(self, model: LlamaForCausalLM):
+        self.model = model
+        self.config = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vocab_size = self.config.vocab_size
+        self.eos_token_ids = self.config.eos_token_ids
+        self.rope = RotaryEmbedding(self.config, self.device, self.dtype)
+        self.cache: KVCache | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu") -> "NativeBackend":
+        return cls(load_model(path, resolve_dtype(dtype), device))
+
+    def kv_bytes_per_token(self) -> int:
+        c = self.config
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
+
+    def init_cache(self, num_blocks: int, block_size: int) -> None:
+        self.cache = KVCache(self.config, num_blocks, block_size, self.device, self.dtype)
+
+    def release(self, seq_id: int) -> None:
+        pass  # blocks are owned by the engine's KVCacheManager
+
+    @torch.inference_mode()
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.embed_tokens(token_ids.to(self.device))
+
+    @torch.inference_mode()
+    def forward(self, batch: ModelInput) -> ModelOutput:
+        if self.cache is None:
+            raise RuntimeError("init_cache() must be called before forward()")
+        input_ids, positions, meta, last_idx, seq_lens = self.prepare_inputs(batch)
+        chunk_lens = [len(c.token_ids) for c in batch.chunks]
+        cos, sin = self.rope.cos_sin(positions, seq_lens, chunk_lens)
+        hidden = self.model(input_ids, cos, sin, self.cache, meta)  # (T, hidden)
+        last_hidden = hidden[last_idx]  # (B, hidden)
+        out = ModelOutput(logits=self.model.logits(last_hidden).float(), hidden=last_hidden)
+        start = 0
+        for chunk, n in zip(batch.chunks, chunk_lens):
+            if chunk.all_positions:
+                out.all_hidden[chunk.seq_id] = hidden[start:start + n]
+                out.all_logits[chunk.seq_id] = self.model.logits(hidden[start:start + n]).float()
+            start += n
+        return out
+
+    def prepare_inputs(self, batch: ModelInput):
+        """Device tensors for one forward: ids (T,), positions (T,), attention metadata, last index (B,)."""
+        block_size = self.cache.block_size
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        last_idx: list[int] = []
+        seq_lens: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        prefills: list[PrefillChunk] = []
+        for chunk in batch.chunks:
+            n, start = len(chunk.token_ids), len(ids)
+            if n == 0:
+                raise ValueError(f"sequence {chunk.seq_id}: a forward chunk needs at least one new token")
+            seq_len = chunk.num_cached + n
+            num_blocks = math.ceil(seq_len / block_size)
+            if len(chunk.block_table) < num_blocks:
+                raise ValueError(f"sequence {chunk.seq_id}: block table holds {len(chunk.block_table)} blocks, "
+                                 f"{num_blocks} needed for {seq_len} tokens")
+            table = torch.tensor(chunk.block_table[:num_blocks], dtype=torch.int64)
+            pos = torch.arange(chunk.num_cached, seq_len, dtype=torch.int64)
+            ids.extend(chunk.token_ids)
+            positions.append(pos)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+            last_idx.append(start + n - 1)
+            seq_lens.append(seq_len)
+            if n == 1:
+                decode_rows.append(start)
+                decode_tables.append(chunk.block_table[:num_blocks])
+            else:
+                prefills.append(PrefillChunk(start, start + n, chunk.num_cached, table.to(self.device)))
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(self.device),
+            decode_token_idx=None, decode_block_tables=None, decode_mask=None, prefills=prefills,
+        )
+        if decode_rows:
+            self._prepare_decode(meta, decode_rows, decode_tables,
+                                 [seq_lens[i] for i, c in enumerate(batch.chunks) if len(c.token_ids) == 1])
+        device = self.device
+        return (torch.tensor(ids, dtype=torch.int64, device=device), torch.cat(positions).to(device), meta,
+                torch.tensor(last_idx, dtype=torch.int64, device=device), seq_lens)
+
+    def _prepare_decode(self, meta: AttentionMetadata, rows: list[int], tables: list[list[int]],
+                        seq_lens: list[int]) -> None:
+        max_blocks = max(len(t) for t in tables)
+        padded = torch.zeros(len(tables), max_blocks, dtype=torch.int64)
+        for i, t in enumerate(tables):
+            padded[i, :len(t)] = torch.tensor(t, dtype=torch.int64)
+        key_pos = torch.arange(max_blocks * self.cache.block_size)
+        mask = key_pos[None, :] < torch.tensor(seq_lens)[:, None]  # (Bd, L)
+        meta.decode_token_idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        meta.decode_block_tables = padded.to(self.device)
+        meta.decode_mask = mask[:, None, None, :].to(self.device)

@@ -1,0 +1,144 @@
+"""The scheduler: which sequences run this step, and how many of their tokens. It counts; it does not compute.
+
+Each step: admit waiting sequences (oldest first) while the batch has room and both models' pools
+could take the prompt; give every scheduled sequence the small-model blocks its chunk needs,
+preempting the youngest running sequence (free its blocks, requeue it for recompute) when the pool
+runs dry. The large model's blocks are claimed only when a sequence is routed to it (`reserve`).
+Long prompts are prefilled in chunks under a per-step token budget, so they never stall decodes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from collab_decode.engine.sequence import LARGE, SMALL, Sequence, Status
+from collab_decode.kvcache import KVCacheManager
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # sequences in one batch
+    max_num_batched_tokens: int = 2048  # small-model tokens per step (prefill chunks + decodes)
+    max_model_len: int = 2048  # prompt + output tokens of one sequence
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ScheduleOutput:
+    """The plan for one step."""
+
+    seqs: list[Sequence]  # scheduled sequences, oldest first
+    num_new_tokens: list[int]  # small-model chunk length per scheduled sequence (0: large model only)
+    preempted: list[Sequence] = field(default_factory=list)  # sent back to waiting this step
+
+    def sampled(self) -> list[bool]:
+        """Whether each scheduled sequence reaches its last token (so gets a next token) this step."""
+        return [n == 0 or s.num_cached[SMALL] + n == s.num_tokens for s, n in zip(self.seqs, self.num_new_tokens)]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: dict[str, KVCacheManager]):
+        self.config = config
+        self.kv = kv  # SMALL (and LARGE, for a pair) -> block bookkeeping
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        """Whether a sequence of num_tokens fits every pool when it runs alone."""
+        return all(m.pool.num_blocks * m.block_size >= num_tokens for m in self.kv.values())
+
+    def schedule(self) -> ScheduleOutput:
+        budget = self.config.max_num_batched_tokens
+        out = ScheduleOutput(seqs=[], num_new_tokens=[])
+        for seq in list(self.running):  # oldest first
+            if seq not in self.running:
+                continue  # preempted earlier in this loop
+            budget = self._schedule_one(seq, budget, out)
+        while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            if not all(m.can_allocate(seq.seq_id, seq.num_tokens + 1) for m in self.kv.values()):
+                break  # admission checks both pools; keep arrival order
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            budget = self._schedule_one(seq, budget, out)
+        return out
+
+    def _schedule_one(self, seq: Sequence, budget: int, out: ScheduleOutput) -> int:
+        if seq.policy.pre_route(seq):  # the large model writes this token; the small model lags
+            out.seqs.append(seq)
+            out.num_new_tokens.append(0)
+            return budget - 1
+        num_new = min(len(seq.backlog(SMALL)), budget)
+        if num_new == 0:
+            return budget
+        target = seq.num_cached[SMALL] + num_new
+        while not self.kv[SMALL].can_allocate(seq.seq_id, target):
+            victim = self._youngest_running(exclude=seq)
+            if victim is None:
+                return budget  # nothing left to preempt: it waits for blocks freed by finishing peers
+            self._preempt(victim, out)
+        self.kv[SMALL].allocate(seq.seq_id, target)
+        out.seqs.append(seq)
+        out.num_new_tokens.append(num_new)
+        return budget - num_new
+
+    def reserve(self, model: str, seqs: list[Sequence], num_tokens: list[int]) -> list[Sequence]:
+        """Give each seq blocks in `model`'s pool for num_tokens tokens, preempting the youngest as
+        needed. Returns the sequences that were preempted (possibly some of `seqs`)."""
+        preempted: list[Sequence] = []
+        manager = self.kv[model]
+        for seq, n in zip(seqs, num_tokens):
+            while seq.status is Status.RUNNING and not manager.can_allocate(seq.seq_id, n):
+                victim = self._youngest_running(exclude=None)
+                self._preempt(victim, None)
+                preempted.append(victim)
+            if seq.status is Status.RUNNING:
+                manager.allocate(seq.seq_id, n)
+        return preempted
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        for manager in self.kv.values():
+            manager.free(seq.seq_id)
+
+    def truncate(self, seq: Sequence, model: str, num_tokens: int) -> None:
+        """Roll `model`'s cache of seq back to its first num_tokens tokens and free surplus blocks."""
+        seq.num_cached[model] = min(seq.num_cached[model], num_tokens)
+        if self.kv[model].has(seq.seq_id):
+            self.kv[model].truncate(seq.seq_id, seq.num_cached[model])
+
+    def _youngest_running(self, exclude: Sequence | None) -> Sequence | None:
+        candidates = [s for s in self.running if s is not exclude]
+        return max(candidates, key=lambda s: s.arrival) if candidates else None
+
+    def _preempt(self, seq: Sequence, out: ScheduleOutput | None) -> None:
+        self.running.remove(seq)
+        for manager in self.kv.values():
+            manager.free(seq.seq_id)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        if out is not None:
+            if seq in out.seqs:
+                i = out.seqs.index(seq)
+                del out.seqs[i], out.num_new_tokens[i]
+            out.preempted.append(seq)
+
+
+__all__ = ["Scheduler", "SchedulerConfig", "ScheduleOutput", "SMALL", "LARGE"]

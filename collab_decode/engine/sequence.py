@@ -1,0 +1,105 @@
+"""A request in flight: its tokens, what each model's cache holds of them, and who wrote each token.
+
+`num_cached[model]` counts the leading tokens whose K/V that model's cache holds. A model that is
+asked for the next token runs `token_ids[num_cached[model]:]` and catches up to `len(token_ids)`:
+prompt prefill, the large model's lazy catch-up and speculative rollback are all this one rule.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from collab_decode.sampling import SamplingParams
+
+SMALL, LARGE = "small", "large"
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SequenceStats:
+    """Per-request routing counters."""
+
+    num_small_tokens: int = 0  # output tokens the small model emitted
+    num_large_tokens: int = 0  # output tokens the large model emitted
+    num_large_calls: int = 0  # large-model forwards this sequence took part in
+    num_catchup_tokens: int = 0  # tokens the large model processed to catch up (excluding its first prefill)
+    num_preemptions: int = 0
+
+    @property
+    def large_share(self) -> float:
+        total = self.num_small_tokens + self.num_large_tokens
+        return self.num_large_tokens / total if total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"small_tokens": self.num_small_tokens, "large_tokens": self.num_large_tokens,
+                "large_calls": self.num_large_calls, "catchup_tokens": self.num_catchup_tokens,
+                "preemptions": self.num_preemptions, "large_share": self.large_share}
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    arrival: int  # admission order key: the youngest sequence is preempted first
+    policy: Any = None  # the RoutingPolicy deciding this sequence's tokens
+    policy_state: Any = None  # per-sequence state the routing policy keeps
+    token_ids: list[int] = field(default_factory=list)  # prompt + output
+    num_cached: dict[str, int] = field(default_factory=lambda: {SMALL: 0, LARGE: 0})
+    provenance: list[str] = field(default_factory=list)  # SMALL or LARGE per output token
+    logprobs: list[float] = field(default_factory=list)  # chosen-token logprob per output token, if asked
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    output_text: str = ""  # detokenized output, truncated at a stop string
+    stats: SequenceStats = field(default_factory=SequenceStats)
+    generator: Any = None  # torch.Generator of a seeded request
+
+    def __post_init__(self):
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def backlog(self, model: str) -> list[int]:
+        """The tokens `model` has not processed yet: its next forward chunk."""
+        return self.token_ids[self.num_cached[model]:]
+
+    def append(self, token_id: int, source: str) -> None:
+        self.token_ids.append(token_id)
+        self.provenance.append(source)
+        if source == LARGE:
+            self.stats.num_large_tokens += 1
+        else:
+            self.stats.num_small_tokens += 1
+
+    def reset_for_recompute(self) -> None:
+        """After preemption: no cache holds anything; output so far is kept and re-prefilled."""
+        self.num_cached = {SMALL: 0, LARGE: 0}
+        self.status = Status.WAITING
+        self.stats.num_preemptions += 1

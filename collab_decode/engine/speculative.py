@@ -1,0 +1,112 @@
+"""Speculative decoding, the lossless baseline: the small model drafts k tokens, the large model
+verifies all of them (and one bonus position) in one forward.
+
+Acceptance is standard rejection sampling: draft d_i, drawn from the small model's processed
+distribution q_i, is kept with probability min(1, p_i(d_i) / q_i(d_i)) under the large model's p_i;
+the first rejected position is resampled from normalize(max(0, p_i - q_i)); if every draft is kept,
+a bonus token is drawn from p_{k+1}. The output is distributed as the large model's own sampling,
+and with greedy sampling (one-hot p and q) it equals the large model's greedy output exactly.
+Rollback is bookkeeping: both models' `num_cached` drop to the kept prefix and surplus blocks are freed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from collab_decode.engine.output import RequestOutput
+from collab_decode.engine.sequence import LARGE, SMALL, Sequence, Status
+from collab_decode.sampling import processed_probs
+
+
+def _draft_lengths(engine, seqs: list[Sequence]) -> list[int]:
+    # never draft past what the request may still emit (the verify step adds one more token)
+    max_len = engine.config.scheduler.max_model_len
+    return [max(0, min(s.policy.k, s.sampling.max_tokens - s.num_output_tokens - 1, max_len - s.num_tokens - 1))
+            for s in seqs]
+
+
+def _draft(engine, seqs: list[Sequence], ks: list[int]) -> tuple[list[int], dict[int, list[torch.Tensor]]]:
+    """Append up to k small-model drafts to each sequence; returns base lengths and draft distributions."""
+    base = [s.num_tokens for s in seqs]
+    draft_probs: dict[int, list[torch.Tensor]] = {s.seq_id: [] for s in seqs}
+    for step in range(max(ks, default=0)):
+        active = [s for s, k in zip(seqs, ks) if step < k and s.status is Status.RUNNING]
+        if not active:
+            break
+        out = engine._forward(SMALL, active, [s.num_tokens - s.num_cached[SMALL] for s in active])
+        logits = out.logits[:, :engine.vocab_size]
+        q = processed_probs(logits, [s.sampling for s in active])  # (B, V)
+        tokens = engine.sampler.sample(logits, [s.sampling for s in active], [s.generator for s in active]).token_ids
+        for i, seq in enumerate(active):
+            seq.token_ids.append(int(tokens[i]))
+            draft_probs[seq.seq_id].append(q[i])
+    return base, draft_probs
+
+
+def _accept(seq: Sequence, drafts: list[int], q: list[torch.Tensor], p: torch.Tensor) -> list[int]:
+    """The committed tokens: the kept drafts, then one token from the large model. p (len(drafts)+1, V)."""
+    greedy = seq.sampling.greedy
+    kept: list[int] = []
+    for i, token in enumerate(drafts):
+        ratio = p[i, token] / q[i][token].clamp_min(1e-20)
+        u = 0.0 if greedy else float(torch.rand((), generator=seq.generator))
+        if ratio >= 1 or u < ratio:
+            kept.append(token)
+            continue
+        residual = (p[i] - q[i]).clamp_min(0)
+        if greedy or residual.sum() <= 0:
+            return kept + [int(p[i].argmax())]
+        return kept + [int(torch.multinomial(residual / residual.sum(), 1, generator=seq.generator))]
+    last = p[len(drafts)]
+    if greedy:
+        return kept + [int(last.argmax())]
+    return kept + [int(torch.multinomial(last, 1, generator=seq.generator))]
+
+
+def speculative_step(engine, seqs: list[Sequence]) -> list[RequestOutput]:
+    ks = _draft_lengths(engine, seqs)
+    for seq, k in zip(seqs, ks):  # small-model room for the backlog and k - 1 fed-back drafts
+        if seq.status is Status.RUNNING:
+            engine.scheduler.reserve(SMALL, [seq], [seq.num_tokens + k])
+    live = [(s, k) for s, k in zip(seqs, ks) if s.status is Status.RUNNING]
+    seqs, ks = [s for s, _ in live], [k for _, k in live]
+    base, draft_probs = _draft(engine, seqs, ks)
+    preempted = engine.scheduler.reserve(LARGE, seqs, [s.num_tokens for s in seqs])
+    for seq, n in zip(seqs, base):
+        if seq in preempted:
+            del seq.token_ids[n:]  # drop its drafts; it restarts from its committed tokens
+    keep = [i for i, s in enumerate(seqs) if s.status is Status.RUNNING]
+    seqs, base = [seqs[i] for i in keep], [base[i] for i in keep]
+    if not seqs:
+        return []
+    num_new = [s.num_tokens - s.num_cached[LARGE] for s in seqs]
+    out = engine._forward(LARGE, seqs, num_new, all_positions=True)
+    outputs = []
+    for seq, n0, chunk_len in zip(seqs, base, num_new):
+        drafts = seq.token_ids[n0:]
+        logits = out.all_logits[seq.seq_id][chunk_len - len(drafts) - 1:, :engine.vocab_size]  # (k+1, V)
+        p = processed_probs(logits, [seq.sampling] * logits.shape[0])
+        committed = _accept(seq, drafts, draft_probs[seq.seq_id], p)
+        del seq.token_ids[n0:]
+        seq.stats.num_large_calls += 1
+        outputs.append(_commit(engine, seq, committed, len(committed) - 1, logits))
+    return outputs
+
+
+def _commit(engine, seq: Sequence, committed: list[int], num_kept: int, logits: torch.Tensor) -> RequestOutput:
+    n0 = seq.num_tokens
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    num_new = 0
+    for i, token in enumerate(committed):
+        seq.append(token, SMALL if i < num_kept else LARGE)
+        if seq.sampling.logprobs is not None:
+            seq.logprobs.append(float(logprobs[i, token]))
+        num_new += 1
+        if token in engine.eos_token_ids and not seq.sampling.ignore_eos or token in seq.sampling.stop_token_ids:
+            break
+        if seq.num_output_tokens >= seq.sampling.max_tokens:
+            break
+    # caches keep only what both agree on: the committed prefix, minus the newest token (not yet fed)
+    for model in (SMALL, LARGE):
+        engine.scheduler.truncate(seq, model, min(seq.num_cached[model], n0 + min(num_new, num_kept)))
+    return engine._finish_check(seq, num_new)

@@ -1,0 +1,94 @@
+"""Physical KV-cache blocks of one model: a free list and per-block reference counts.
+
+Data flow: KVCacheManager asks the pool for block ids (`allocate`), shares them (`incref`) and hands
+them back (`free`). A block whose reference count drops to 0 goes to the back of the free list, so
+recently freed blocks are reused last. The pool knows nothing about sequences or tensors; the backend
+owns the storage that block id `b` indexes (slots `b * block_size ... (b + 1) * block_size - 1`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable
+
+
+class OutOfBlocksError(RuntimeError):
+    """Raised when an allocation asks for more blocks than the pool has free."""
+
+
+class BlockPool:
+    """Block ids 0..num_blocks-1, each free (ref count 0) or held by one or more owners."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free_ids: deque[int] = deque(range(num_blocks))
+        self._ref_counts = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free_ids)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free_ids)
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return 0 <= num_blocks <= len(self._free_ids)
+
+    def allocate(self, num_blocks: int) -> list[int]:
+        """Take `num_blocks` blocks from the front of the free list, each with ref count 1.
+
+        All or nothing: raises OutOfBlocksError (taking no block) if fewer are free.
+        """
+        if num_blocks < 0:
+            raise ValueError(f"cannot allocate a negative number of blocks ({num_blocks})")
+        if num_blocks > len(self._free_ids):
+            raise OutOfBlocksError(
+                f"requested {num_blocks} blocks but only {len(self._free_ids)} of "
+                f"{self.num_blocks} are free"
+            )
+        block_ids = [self._free_ids.popleft() for _ in range(num_blocks)]
+        for block_id in block_ids:
+            self._ref_counts[block_id] = 1
+        return block_ids
+
+    def incref(self, block_ids: Iterable[int]) -> None:
+        """Add an owner to each block (e.g. a forked sequence sharing a prefix)."""
+        block_ids = list(block_ids)
+        for block_id in block_ids:
+            self._check_in_use(block_id, "incref")
+        for block_id in block_ids:
+            self._ref_counts[block_id] += 1
+
+    def free(self, block_ids: Iterable[int]) -> None:
+        """Drop one owner from each block; a block with no owner left returns to the free list.
+
+        Checks every id before changing anything, so a bad id leaves the pool as it was.
+        """
+        block_ids = list(block_ids)
+        for block_id, num_drops in Counter(block_ids).items():
+            self._check_in_use(block_id, "free")
+            if num_drops > self._ref_counts[block_id]:
+                raise ValueError(
+                    f"cannot free block {block_id} {num_drops} times: "
+                    f"it has only {self._ref_counts[block_id]} owner(s)"
+                )
+        for block_id in block_ids:
+            self._ref_counts[block_id] -= 1
+            if self._ref_counts[block_id] == 0:
+                self._free_ids.append(block_id)
+
+    def ref_count(self, block_id: int) -> int:
+        self._check_id(block_id)
+        return self._ref_counts[block_id]
+
+    def _check_id(self, block_id: int) -> None:
+        if not 0 <= block_id < self.num_blocks:
+            raise ValueError(f"block id {block_id} out of range [0, {self.num_blocks})")
+
+    def _check_in_use(self, block_id: int, verb: str) -> None:
+        self._check_id(block_id)
+        if self._ref_counts[block_id] == 0:
+            raise ValueError(f"cannot {verb} block {block_id}: it is already free")

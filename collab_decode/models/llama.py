@@ -1,0 +1,184 @@
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) over a paged KV cache, for ragged batches.
+
+One forward takes every scheduled sequence's chunk of new tokens flattened into one row of T tokens
+(prefill chunks and single-token decodes together). Per layer: project q/k/v for all T tokens, rotate,
+write k/v into the paged cache at each token's slot, then attend: the decoding sequences (one query
+each) in one batched call over their gathered blocks, each prefilling chunk in its own causal call.
+
+Module and parameter names follow Hugging Face's, so a checkpoint's state dict loads as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from collab_decode.models.config import ModelConfig
+from collab_decode.models.rope import apply_rope
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence processing more than one new token in this forward."""
+
+    start: int  # its first token's index in the flattened batch
+    end: int  # one past its last token's index
+    num_cached: int  # tokens already in the cache before this chunk
+    block_table: torch.Tensor  # (num_blocks,) int64 physical blocks holding its first num_cached + chunk tokens
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the batch's tokens sit in the paged cache; built once per forward, shared by all layers."""
+
+    slot_mapping: torch.Tensor  # (T,) int64 flat cache slot receiving each new token's k/v
+    decode_token_idx: torch.Tensor | None  # (Bd,) int64 batch index of each decoding sequence's token
+    decode_block_tables: torch.Tensor | None  # (Bd, max_blocks) int64, padded with block 0
+    decode_mask: torch.Tensor | None  # (Bd, 1, 1, max_blocks * block_size) bool: key is in the sequence
+    prefills: list[PrefillChunk]
+
+
+class KVCache:
+    """Paged K/V storage of one model: per layer (num_blocks, block_size, num_kv_heads, head_dim)."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, device, dtype):
+        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.group = self.num_heads // self.num_kv_heads  # query heads per kv head
+        self.scale = self.head_dim ** -0.5
+        hidden, qdim, kvdim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, qdim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, kvdim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, kvdim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(qdim, hidden, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        flat_shape = (-1, self.num_kv_heads, self.head_dim)
+        k_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, v)
+        out = q.new_empty(num_tokens, self.num_heads * self.head_dim)
+        if meta.decode_token_idx is not None:
+            out[meta.decode_token_idx] = self._decode(q[meta.decode_token_idx], k_cache, v_cache, meta)
+        for chunk in meta.prefills:
+            out[chunk.start:chunk.end] = self._prefill(q[chunk.start:chunk.end], k_cache, v_cache, chunk)
+        return self.o_proj(out)
+
+    def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        # cache (N, bs, Hkv, D), block_tables (B, nb) -> (B, Hkv, nb * bs, D)
+        b, nb = block_tables.shape
+        blocks = cache[block_tables]  # (B, nb, bs, Hkv, D)
+        return blocks.view(b, nb * cache.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        # the query heads sharing a kv head attend as one group: q (Bd, Hkv, G, D)
+        b = q.shape[0]
+        q = q.view(b, self.num_kv_heads, self.group, self.head_dim)
+        k = self._gather(k_cache, meta.decode_block_tables)
+        v = self._gather(v_cache, meta.decode_block_tables)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=self.scale)
+        return o.reshape(b, self.num_heads * self.head_dim)
+
+    def _prefill(self, q, k_cache, v_cache, chunk: PrefillChunk) -> torch.Tensor:
+        s = q.shape[0]
+        num_keys = chunk.num_cached + s
+        # (S, H, D) -> (1, Hkv, G * S, D): row g * S + i is query head (kv * G + g) at chunk position i
+        q = q.view(s, self.num_kv_heads, self.group, self.head_dim).permute(1, 2, 0, 3)
+        q = q.reshape(1, self.num_kv_heads, self.group * s, self.head_dim)
+        k = self._gather(k_cache, chunk.block_table[None])[:, :, :num_keys]
+        v = self._gather(v_cache, chunk.block_table[None])[:, :, :num_keys]
+        query_pos = torch.arange(chunk.num_cached, num_keys, device=q.device)
+        mask = torch.arange(num_keys, device=q.device)[None, :] <= query_pos[:, None]  # (S, L) causal
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(self.group, 1), scale=self.scale)
+        o = o.view(self.num_kv_heads, self.group, s, self.head_dim).permute(2, 0, 1, 3)
+        return o.reshape(s, self.num_heads * self.head_dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Embeddings -> decoder layers over the paged cache -> final norm; logits only where asked."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids (T,) -> final hidden states (T, hidden), after the last norm."""
+        x = self.model.embed_tokens(input_ids)
+        for layer, k_cache, v_cache in zip(self.model.layers, cache.k, cache.v):
+            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

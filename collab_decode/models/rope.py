@@ -1,0 +1,77 @@
+"""Rotary position embedding with the scaling variants in use: default, linear, dynamic (NTK), llama3.
+
+Layout is Hugging Face's (rotate-half, frequencies repeated over both halves of the head), so weights
+trained there run unchanged. Static variants precompute a cos/sin table and index it by position;
+`dynamic` derives the base from each sequence's current length, as transformers does for one sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from collab_decode.models.config import ModelConfig
+
+
+def inv_freq(config: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in float32; `seq_len` matters only for dynamic scaling."""
+    rope, dim = config.rope, config.head_dim
+    base = rope.theta
+    if rope.type == "dynamic":
+        max_pos = config.max_position_embeddings
+        seq_len = max(seq_len or max_pos, max_pos)
+        base = base * ((rope.factor * seq_len / max_pos) - (rope.factor - 1)) ** (dim / (dim - 2))
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope.type == "linear":
+        freqs = freqs / rope.factor
+    elif rope.type == "llama3":
+        freqs = _llama3_scale(freqs, rope.factor, rope.low_freq_factor, rope.high_freq_factor,
+                              rope.original_max_position_embeddings or config.max_position_embeddings)
+    return freqs
+
+
+def _llama3_scale(freqs: torch.Tensor, factor: float, low: float, high: float, old_len: int) -> torch.Tensor:
+    # long wavelengths are divided by `factor`, short ones kept, the band between interpolated smoothly
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > old_len / low, freqs / factor, freqs)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding:
+    """cos/sin for a ragged batch of positions; a precomputed table for the static variants."""
+
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype):
+        self.config, self.device, self.dtype = config, device, dtype
+        self.dynamic = config.rope.type == "dynamic"
+        self.cos_table = self.sin_table = None
+        if not self.dynamic:
+            self._build_table(config.max_position_embeddings)
+
+    def _build_table(self, length: int) -> None:
+        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq(self.config))  # (L, D/2)
+        emb = torch.cat([angles, angles], dim=-1)  # (L, D)
+        self.cos_table = emb.cos().to(self.device, self.dtype)
+        self.sin_table = emb.sin().to(self.device, self.dtype)
+
+    def cos_sin(self, positions: torch.Tensor, seq_lens: list[int] | None = None,
+                chunk_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, D) for positions (T,); dynamic scaling needs each sequence's length and chunk size."""
+        if not self.dynamic:
+            if positions.numel() and int(positions.max()) >= self.cos_table.shape[0]:
+                self._build_table(2 * int(positions.max()) + 1)  # beyond max_position_embeddings
+            return self.cos_table[positions], self.sin_table[positions]
+        freqs = torch.cat([inv_freq(self.config, n).expand(c, -1) for n, c in zip(seq_lens, chunk_lens)])
+        angles = positions.float().cpu()[:, None] * freqs  # (T, D/2)
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos().to(self.device, self.dtype), emb.sin().to(self.device, self.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, H, D) rotated by cos/sin (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,0 +1,215 @@
+"""Batched token sampling (vLLM / Hugging Face conventions).
+
+Data flow, once per engine step and model:
+
+    logits (B, V) from a backend
+      -> processed_probs: temperature, then top-k, then top-p (renormalised after each cut);
+         greedy rows become one-hot on the argmax               -> probs (B, V)
+      -> Sampler.sample: exponential race, argmax(probs / q), where each random row's noise q comes
+         from that request's own torch.Generator (so a request's draws never depend on the rest of
+         the batch) and greedy rows use q = 1 (no randomness consumed)
+      -> SampleOutput: token ids, their logprobs under the *raw* model distribution, and optional
+         top-n alternatives
+    detokenised text -> check_stop: where to truncate the output at a stop string.
+
+`processed_probs` is also the target/draft distribution of speculative decoding's rejection sampling,
+so it is deterministic, batched and has no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's limit)
+_TOP_P_SLACK = 1e-6  # cumulative mass this close to top_p counts as reaching it (float32 sums)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens. Validated on construction."""
+
+    max_tokens: int = 16  # most tokens to generate (>= 1)
+    temperature: float = 1.0  # logits are divided by it; 0 = greedy
+    top_p: float = 1.0  # nucleus: keep the smallest set of top tokens with mass >= top_p; 1 = off
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 = off
+    seed: int | None = None  # seeds this request's own generator; None = global RNG
+    stop: tuple[str, ...] = ()  # stop strings; the output is cut before the first one
+    stop_token_ids: tuple[int, ...] = ()  # token ids that end the request (kept in the output)
+    ignore_eos: bool = False  # keep generating past the EOS token
+    logprobs: int | None = None  # None = none; 0 = chosen token only; n = chosen + top-n (<= 20)
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 = disabled), got {self.top_k!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and (
+                not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
+                             f"got {self.logprobs!r}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r} in {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the request always takes the argmax token."""
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class SampleOutput:
+    """What `Sampler.sample` returns for a batch of B rows."""
+
+    token_ids: torch.Tensor  # (B,) int64 chosen tokens
+    logprobs: torch.Tensor  # (B,) float32 logprob of each chosen token under log_softmax(raw logits)
+    # (B, n) int64 / float32 top-n tokens of the raw distribution, logprob descending, where n is the
+    # largest `logprobs` asked for in the batch: rows that asked for fewer slice [:, :their n].
+    # None when no row wants alternatives.
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A generator seeded with `seed` on `device` (the logits' device), or None for the global RNG."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution each row is sampled from: (B, V) logits -> (B, V) float32 probs.
+
+    Temperature, then top-k, then top-p on the renormalised survivors (vLLM's order); greedy rows
+    are one-hot on the argmax of the raw logits. Rows sum to 1.
+    """
+    logits = logits.float()  # (B, V)
+    if len(params) != logits.shape[0]:
+        raise ValueError(f"got {len(params)} SamplingParams for {logits.shape[0]} rows of logits")
+    temperature = _row_tensor([1.0 if p.greedy else p.temperature for p in params], logits)  # (B,)
+    scaled = logits / temperature[:, None]  # (B, V)
+    if any(p.top_k > 0 or p.top_p < 1 for p in params):
+        probs = _top_k_top_p_probs(scaled, params)
+    else:
+        probs = scaled.softmax(dim=-1)
+    greedy = _row_tensor([p.greedy for p in params], logits, torch.bool)  # (B,)
+    if any(p.greedy for p in params):
+        one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], one_hot, probs)
+    return probs
+
+
+def _top_k_top_p_probs(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """softmax(scaled) restricted to each row's top-k, then to its top-p nucleus, renormalised."""
+    num_rows, vocab_size = scaled.shape
+    top_k = _row_tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], scaled, torch.long)
+    top_p = _row_tensor([p.top_p for p in params], scaled)  # (B,)
+    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)  # (B, V)
+    rank = torch.arange(vocab_size, device=scaled.device)  # (V,)
+    keep = rank[None, :] < top_k[:, None]  # (B, V)
+    sorted_probs = sorted_logits.masked_fill(~keep, -math.inf).softmax(dim=-1)  # (B, V)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V) mass of higher-ranked tokens
+    # A token is needed while the tokens above it hold less than top_p; the top token always stays.
+    in_nucleus = (mass_before < top_p[:, None] - _TOP_P_SLACK) | (top_p[:, None] >= 1) | (rank == 0)
+    keep &= in_nucleus
+    sorted_probs = sorted_probs.masked_fill(~keep, 0.0)
+    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(sorted_probs).scatter_(-1, sorted_ids, sorted_probs)
+
+
+def _row_tensor(values: list, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-row parameters as a tensor on `like`'s device (a host-to-device copy, no device sync)."""
+    return torch.tensor(values, dtype=dtype, device=like.device)
+
+
+class Sampler:
+    """Picks one token per row of a logits batch; stateless (randomness comes from the caller)."""
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> SampleOutput:
+        """(B, V) logits -> SampleOutput. `generators[i]` drives row i (None: global RNG)."""
+        if not len(params) == len(generators) == logits.shape[0]:
+            raise ValueError(f"{logits.shape[0]} rows of logits, {len(params)} params and "
+                             f"{len(generators)} generators must match")
+        logits = logits.float()  # (B, V)
+        if all(p.greedy for p in params):
+            token_ids = logits.argmax(dim=-1)  # (B,)
+        else:
+            probs = processed_probs(logits, params)  # (B, V)
+            token_ids = (probs / self._race_noise(probs, params, generators)).argmax(dim=-1)
+        return self._logprobs(logits, token_ids, params)
+
+    @staticmethod
+    def _race_noise(probs: torch.Tensor, params: list[SamplingParams],
+                    generators: list[torch.Generator | None]) -> torch.Tensor:
+        """(B, V) noise q: Exp(1) for random rows, so argmax(probs / q) ~ probs; 1 for greedy rows.
+
+        Each seeded row draws from its own generator, so its tokens do not depend on the batch.
+        """
+        noise = torch.ones_like(probs)  # (B, V)
+        global_rows = []
+        for row, (p, generator) in enumerate(zip(params, generators)):
+            if p.greedy:
+                continue
+            if generator is None:
+                global_rows.append(row)
+            else:
+                noise[row].exponential_(generator=generator)
+        if global_rows:
+            index = torch.tensor(global_rows, device=probs.device)
+            noise[index] = torch.empty_like(noise[index]).exponential_()
+        # exponential_ may return exactly 0 in float32: keep the division finite.
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+                  params: list[SamplingParams]) -> SampleOutput:
+        """Raw logprobs (vLLM's default) of the chosen tokens, and top-n alternatives if asked."""
+        raw = logits.log_softmax(dim=-1)  # (B, V)
+        chosen = raw.gather(-1, token_ids[:, None]).squeeze(-1)  # (B,)
+        num_top = max((p.logprobs or 0 for p in params), default=0)
+        top_ids = top_logprobs = None
+        if num_top > 0:
+            top_logprobs, top_ids = raw.topk(min(num_top, raw.shape[-1]), dim=-1)  # (B, n), sorted
+        return SampleOutput(token_ids, chosen, top_ids, top_logprobs)
+
+
+def check_stop(text_so_far: str, new_text_start: int, stop: tuple[str, ...]) -> int | None:
+    """Where to truncate the output for a stop string, or None.
+
+    Only matches that overlap the text added since `new_text_start` count (older ones were checked
+    on earlier steps), including a match that spans a token boundary. Returns the start of the
+    earliest such match: the output keeps text_so_far[:index], stop string excluded.
+    """
+    earliest = None
+    for s in stop:
+        index = text_so_far.find(s, max(0, new_text_start - (len(s) - 1)))
+        if index != -1 and (earliest is None or index < earliest):
+            earliest = index
+    return earliest

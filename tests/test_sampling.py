@@ -1,0 +1,263 @@
+"""Tests for collab_decode.sampling: tiny vocabularies, no models."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from collab_decode.sampling import (
+    SampleOutput,
+    Sampler,
+    SamplingParams,
+    check_stop,
+    make_generator,
+    processed_probs,
+)
+
+VOCAB = 12
+
+
+def random_logits(num_rows: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(num_rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3  # (B, V)
+
+
+def sample(logits, params, generators=None) -> SampleOutput:
+    generators = generators if generators is not None else [None] * len(params)
+    return Sampler().sample(logits, params, generators)
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs.double() * counts.sum()
+    return float(((counts.double() - expected) ** 2 / expected).sum())
+
+
+# --- greedy and temperature ---------------------------------------------------------------------
+
+def test_greedy_equals_argmax_and_consumes_no_randomness():
+    logits = random_logits(5)
+    generators = [make_generator(i) for i in range(5)]
+    states = [g.get_state() for g in generators]
+    out = sample(logits, [SamplingParams(temperature=0)] * 5, generators)
+    assert torch.equal(out.token_ids, logits.argmax(-1))
+    assert out.token_ids.dtype == torch.int64
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(generators, states))
+
+
+def test_greedy_rows_stay_argmax_in_a_mixed_batch():
+    logits = random_logits(6)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.5)] * 3
+    out = sample(logits, params, [make_generator(i) for i in range(6)])
+    assert torch.equal(out.token_ids[::2], logits[::2].argmax(-1))
+
+
+def test_tiny_temperature_behaves_like_greedy():
+    logits = random_logits(8)
+    params = [SamplingParams(temperature=1e-3, seed=i) for i in range(8)]
+    probs = processed_probs(logits, params)
+    assert torch.allclose(probs, torch.nn.functional.one_hot(logits.argmax(-1), VOCAB).float(),
+                          atol=1e-4)
+    for step in range(5):
+        generators = [make_generator(100 * step + i) for i in range(8)]
+        assert torch.equal(sample(logits, params, generators).token_ids, logits.argmax(-1))
+
+
+def test_top_k_1_equals_greedy():
+    logits = random_logits(6)
+    params = [SamplingParams(temperature=2.0, top_k=1)] * 6
+    assert params[0].greedy
+    assert torch.equal(sample(logits, params).token_ids, logits.argmax(-1))
+    expected = torch.nn.functional.one_hot(logits.argmax(-1), VOCAB).float()
+    assert torch.equal(processed_probs(logits, params), expected)
+
+
+# --- processed_probs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [2, 3, VOCAB - 1])
+def test_top_k_keeps_exactly_k_tokens(k):
+    logits = random_logits(4)
+    probs = processed_probs(logits, [SamplingParams(top_k=k, temperature=0.7)] * 4)
+    top_ids = logits.topk(k, dim=-1).indices  # (B, k)
+    assert torch.equal((probs > 0).sum(-1), torch.full((4,), k))
+    assert torch.all(probs.gather(-1, top_ids) > 0)
+    expected = (logits.gather(-1, top_ids) / 0.7).softmax(-1)
+    assert torch.allclose(probs.gather(-1, top_ids), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [0, -1, VOCAB, VOCAB + 5])
+def test_disabled_or_large_top_k_keeps_everything(top_k):
+    logits = random_logits(3)
+    probs = processed_probs(logits, [SamplingParams(top_k=top_k)] * 3)
+    assert torch.allclose(probs, logits.softmax(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "top_p, kept",
+    [(0.3, 1), (0.5, 1), (0.51, 2), (0.8, 2), (0.81, 3), (0.95, 3), (0.96, 4), (1.0, 4)],
+)
+def test_top_p_keeps_smallest_set_reaching_p(top_p, kept):
+    base = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5, 0.3, 0.15, 0.05
+    logits = base.log()[None, :]  # (1, 4)
+    probs = processed_probs(logits, [SamplingParams(top_p=top_p)])[0]
+    order = base.argsort(descending=True)
+    expected = torch.zeros(4)
+    expected[order[:kept]] = base[order[:kept]] / base[order[:kept]].sum()
+    assert torch.allclose(probs, expected, atol=1e-6)
+
+
+def test_top_p_applies_after_top_k_renormalisation():
+    base = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    # top-k=2 leaves (4/7, 3/7); top_p=0.5 then needs only the first.
+    probs = processed_probs(base.log()[None], [SamplingParams(top_k=2, top_p=0.5)])[0]
+    assert torch.allclose(probs, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
+def test_processed_probs_rows_sum_to_one():
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.3, top_k=4),
+        SamplingParams(temperature=1.7, top_p=0.6),
+        SamplingParams(temperature=0.9, top_k=5, top_p=0.9),
+        SamplingParams(top_p=1e-9),
+    ]
+    logits = random_logits(len(params))
+    logits[0, 3] = -math.inf  # masked (padding) vocab rows must not break it
+    probs = processed_probs(logits, params)
+    assert probs.shape == (len(params), VOCAB)
+    assert torch.allclose(probs.sum(-1), torch.ones(len(params)), atol=1e-5)
+    assert probs[0, 3] == 0
+    assert torch.equal(probs[5], torch.nn.functional.one_hot(logits[5].argmax(), VOCAB).float())
+
+
+# --- seeded sampling --------------------------------------------------------------------------------
+
+def run_request(row_logits, extra_rows, position, seed=1234, num_steps=6):
+    """Tokens drawn for one seeded request at `position` in a batch with `extra_rows` others."""
+    target = SamplingParams(temperature=1.3, top_p=0.95, seed=seed)
+    generator = make_generator(seed)
+    others = [SamplingParams(temperature=0.8, seed=i) for i in range(extra_rows)]
+    other_generators = [make_generator(i) for i in range(extra_rows)]
+    others[:1] = [SamplingParams(temperature=0)] * min(1, extra_rows)  # a greedy neighbour
+    other_generators[1:2] = [None] * min(1, extra_rows - 1)  # and one on the global RNG
+    tokens = []
+    for step in range(num_steps):
+        batch = random_logits(extra_rows, seed=50 + step) if extra_rows else torch.empty(0, VOCAB)
+        logits = torch.cat([batch[:position], row_logits[step:step + 1], batch[position:]])
+        params = others[:position] + [target] + others[position:]
+        generators = other_generators[:position] + [generator] + other_generators[position:]
+        tokens.append(int(sample(logits, params, generators).token_ids[position]))
+    return tokens
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch():
+    row_logits = random_logits(6, seed=9) * 0.3  # flat enough that draws really vary
+    alone = run_request(row_logits, extra_rows=0, position=0)
+    assert alone == run_request(row_logits, extra_rows=0, position=0)
+    assert alone == run_request(row_logits, extra_rows=3, position=2)
+    assert alone == run_request(row_logits, extra_rows=5, position=0)
+    assert alone == run_request(row_logits, extra_rows=4, position=4)
+    assert len(set(alone)) > 1
+    assert any(run_request(row_logits, 0, 0, seed=s) != alone for s in range(5))
+
+
+# --- frequencies ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_frequencies_match_softmax_global_rng(temperature):
+    num_draws = 20000
+    logits = torch.tensor([0.1, 0.2, 0.3, 0.4]).log().expand(num_draws, 4)
+    torch.manual_seed(0)
+    out = sample(logits, [SamplingParams(temperature=temperature)] * num_draws)
+    counts = torch.bincount(out.token_ids, minlength=4)
+    # df = 3: p = 0.001 at 16.3; 30 is generous yet far below any real bias at this sample size.
+    assert chi_square(counts, (logits[0] / temperature).softmax(-1)) < 30
+
+
+def test_frequencies_match_processed_probs_seeded_rows():
+    num_draws = 3000
+    logits = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15]).log().expand(num_draws, 5)
+    params = [SamplingParams(temperature=0.8, top_k=3, seed=i) for i in range(num_draws)]
+    out = sample(logits, params, [make_generator(p.seed) for p in params])
+    counts = torch.bincount(out.token_ids, minlength=5)
+    probs = processed_probs(logits[:1], params[:1])[0]
+    assert counts[probs == 0].sum() == 0  # never outside the top-k
+    assert chi_square(counts[probs > 0], probs[probs > 0]) < 25  # df = 2
+
+
+# --- logprobs ---------------------------------------------------------------------------------------
+
+def test_chosen_logprobs_are_raw_log_softmax():
+    logits = random_logits(4)
+    params = [SamplingParams(temperature=0.5, top_k=3, seed=1), SamplingParams(temperature=0),
+              SamplingParams(top_p=0.7, seed=2), SamplingParams(temperature=2.0, seed=3)]
+    out = sample(logits, params, [make_generator(p.seed) for p in params])
+    expected = logits.log_softmax(-1).gather(-1, out.token_ids[:, None]).squeeze(-1)
+    assert out.logprobs.dtype == torch.float32
+    assert torch.allclose(out.logprobs, expected)
+    assert out.top_ids is None and out.top_logprobs is None
+
+
+def test_top_logprobs_sorted_and_sized_to_largest_request():
+    logits = random_logits(3)
+    params = [SamplingParams(logprobs=0), SamplingParams(logprobs=5), SamplingParams(logprobs=2)]
+    out = sample(logits, params)
+    raw = logits.log_softmax(-1)
+    assert out.top_ids.shape == out.top_logprobs.shape == (3, 5)
+    assert torch.all(out.top_logprobs[:, :-1] >= out.top_logprobs[:, 1:])
+    assert torch.equal(out.top_ids, raw.topk(5, dim=-1).indices)
+    assert torch.allclose(out.top_logprobs, raw.gather(-1, out.top_ids))
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kwargs, quoted",
+    [
+        (dict(max_tokens=0), "0"),
+        (dict(temperature=-0.5), "-0.5"),
+        (dict(temperature=float("nan")), "nan"),
+        (dict(temperature=float("inf")), "inf"),
+        (dict(top_p=0.0), "0.0"),
+        (dict(top_p=1.5), "1.5"),
+        (dict(top_k=-2), "-2"),
+        (dict(logprobs=21), "21"),
+        (dict(logprobs=-1), "-1"),
+        (dict(seed="abc"), "'abc'"),
+        (dict(stop=["ok", ""]), "''"),
+    ],
+)
+def test_validation_errors_quote_the_value(kwargs, quoted):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=rf"{name}.*{re.escape(quoted)}"):
+        SamplingParams(**kwargs)
+
+
+def test_stop_lists_become_tuples():
+    assert SamplingParams(stop="###").stop == ("###",)
+    params = SamplingParams(stop=["a", "b"], stop_token_ids=[3, 4])
+    assert params.stop == ("a", "b") and params.stop_token_ids == (3, 4)
+    hash(params)  # frozen and hashable
+    assert SamplingParams(logprobs=20, top_k=-1, seed=0).logprobs == 20
+
+
+# --- stop strings -----------------------------------------------------------------------------------
+
+def test_check_stop_match_across_token_boundary():
+    # "Hello wor" was there; the new token added "ld!".
+    assert check_stop("Hello world!", 9, ("world",)) == 6
+    assert check_stop("abcXY", 4, ("XY",)) == 3  # starts exactly len(s) - 1 before the new text
+
+
+def test_check_stop_earliest_of_several_wins():
+    text = "x = 1\n\nAnswer: 42"
+    assert check_stop(text, 3, ("Answer", "\n\n")) == 5
+    assert check_stop(text, 3, ("\n\n", "Answer")) == 5
+    assert check_stop("aXbY", 0, ("Y", "X", "b")) == 1
+
+
+def test_check_stop_no_match():
+    assert check_stop("Hello world", 6, ("STOP",)) is None
+    assert check_stop("Hello world", 6, ()) is None
+    # A match lying wholly in older text was handled on an earlier step.
+    assert check_stop("abc STOP defg", 10, ("STOP",)) is None
