@@ -43,3 +43,42 @@ def save_hf_model(path: Path, arch: str = "llama", seed: int = 0, **overrides) -
     model = make_hf_model(arch, seed, **overrides)
     model.save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+DEMO_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def demo_tokenizer_dir() -> Path:
+    from collab_decode.demo import checkpoint_dir
+
+    return checkpoint_dir("small")
+
+
+def save_tiny_lm(path: Path, seed: int, hidden: int = 64, layers: int = 2, vocab_size: int | None = None) -> Path:
+    """A tiny random-init Llama with the demo tokenizer's files beside it (an engine-loadable model dir)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tok_dir = demo_tokenizer_dir()
+    vocab = vocab_size or len(AutoTokenizer.from_pretrained(str(tok_dir)))
+    model = make_hf_model("llama", seed, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                          intermediate_size=2 * hidden, tie_word_embeddings=True, eos_token_id=0,
+                          max_position_embeddings=512)
+    model.save_pretrained(str(path), safe_serialization=True)
+    for name in DEMO_TOKENIZER_FILES:
+        if (tok_dir / name).exists():
+            shutil.copy(tok_dir / name, path / name)
+    return path
+
+
+def make_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """Tiny small/large models sharing the demo tokenizer (the large has more layers and width)."""
+    return save_tiny_lm(tmp_path / "small", seed=1, hidden=32), save_tiny_lm(tmp_path / "large", seed=2, hidden=64, layers=3)
+
+
+def make_engine(small: Path, large: Path | None = None, **config):
+    from collab_decode.engine.config import EngineConfig
+    from collab_decode.engine.loading import build_engine
+
+    return build_engine(small, large, config=EngineConfig(**config))

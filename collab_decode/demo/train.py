@@ -46,7 +46,7 @@ class DemoModelSpec:
 
 SPECS = {
     # head_dim 64 so that vLLM's CPU attention can serve the large model (see DESIGN.md).
-    "large": DemoModelSpec(256, 768, 8, 4, 2, 64, learning_rate=2e-3, max_minutes=85, stop_accuracy=0.99),
+    "large": DemoModelSpec(256, 768, 6, 4, 2, 64, learning_rate=2e-3, max_minutes=55, stop_accuracy=0.99),
     "small": DemoModelSpec(128, 384, 2, 2, 1, 64, learning_rate=3e-3, max_minutes=12, stop_accuracy=0.60),
 }
 
@@ -110,7 +110,7 @@ def greedy_accuracy(model, tokenizer, split: str, num: int, offset: int = 0, bat
 
 
 def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val: int, eval_every_s: float,
-              max_minutes: float | None = None) -> dict:
+              max_minutes: float | None = None, resume: bool = False) -> dict:
     """Train the `which` model and save it to out_dir/which. Returns the training log."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -118,11 +118,17 @@ def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val
     budget_s = 60 * (max_minutes if max_minutes is not None else spec.max_minutes)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(spec, len(tokenizer), tokenizer.eos_token_id))
+    if resume and (out_dir / which / "model.safetensors").is_file():
+        # continue from the saved checkpoint with a fresh schedule (optimizer state is not saved)
+        model = LlamaForCausalLM.from_pretrained(str(out_dir / which))
+        log_file = out_dir / which / "train_log.json"
+        start_index = json.loads(log_file.read_text()).get("problems_seen", 0) if log_file.is_file() else 0
+    else:
+        model, start_index = LlamaForCausalLM(llama_config(spec, len(tokenizer), tokenizer.eos_token_id)), 0
     num_params = sum(p.numel() for p in model.parameters())
     print(f"[{which}] {num_params / 1e6:.2f}M parameters, budget {budget_s / 60:.0f} min", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, betas=(0.9, 0.95), weight_decay=0.1)
-    stream = PackedStream(tokenizer, spec.seq_len)
+    stream = PackedStream(tokenizer, spec.seq_len, start_index)
     warmup = 100
     history, step, start = [], 0, time.time()
     last_eval, best = start, -1.0
@@ -154,6 +160,8 @@ def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val
             if acc >= best:
                 best = acc
                 _save(model, tokenizer, out_dir / which)
+                (out_dir / which / "train_log.json").write_text(json.dumps(
+                    {"model": which, "problems_seen": stream.next_index, "history": history}, indent=2))
             if acc >= spec.stop_accuracy or out_of_time:
                 break
     log = {"model": which, "spec": asdict(spec), "num_params": num_params, "seed": seed, "steps": step,
@@ -170,13 +178,14 @@ def _save(model, tokenizer, path: Path) -> None:
 
 
 def train_demo_pair(out_dir: str | Path, which: str = "both", seed: int = 0, threads: int = 2, num_val: int = 100,
-                    eval_every_minutes: float = 8.0, max_minutes: float | None = None) -> list[dict]:
+                    eval_every_minutes: float = 8.0, max_minutes: float | None = None, resume: bool = False) -> list[dict]:
     """Build the tokenizer and train the requested demo model(s) into out_dir/{small,large}."""
     torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     tokenizer_dir = Path(tempfile.mkdtemp(prefix="collab-decode-tokenizer-"))
     build_tokenizer(tokenizer_dir)
     names = ["small", "large"] if which == "both" else [which]
-    logs = [train_one(n, out_dir, tokenizer_dir, seed, num_val, 60 * eval_every_minutes, max_minutes) for n in names]
+    logs = [train_one(n, out_dir, tokenizer_dir, seed, num_val, 60 * eval_every_minutes, max_minutes, resume)
+            for n in names]
     shutil.rmtree(tokenizer_dir)
     return logs

@@ -93,6 +93,7 @@ class Engine:
         seq = self.seqs.pop(seq_id, None)
         if seq is not None and not seq.finished:
             self.scheduler.finish(seq, "abort")
+            self._release([seq])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -103,6 +104,7 @@ class Engine:
         t0 = time.perf_counter()
         self.last_step = StepTimes()
         plan = self.scheduler.schedule()
+        self._release(plan.preempted)
         token_plan, spec_seqs = self._split_speculative(plan)
         proposals = self._run_small(token_plan)  # seq -> (token, logprob info) for sampled seqs
         routed = self._route(proposals)
@@ -187,7 +189,9 @@ class Engine:
         """The large model catches up on each routed sequence's backlog and writes its next token."""
         if not routed:
             return
-        for seq in self.scheduler.reserve(LARGE, routed, [s.num_tokens for s in routed]):
+        preempted = self.scheduler.reserve(LARGE, routed, [s.num_tokens for s in routed])
+        self._release(preempted)
+        for seq in preempted:
             proposals.pop(seq.seq_id, None)  # preempted: it will recompute from scratch
         routed = [s for s in routed if s.seq_id in proposals]
         if not routed:
@@ -234,8 +238,16 @@ class Engine:
         seq.policy.observe(seq, seq.output_text.endswith(self.config.step_delimiter))
         if reason is not None:
             self.scheduler.finish(seq, reason)
+            self._release([seq])
             self.seqs.pop(seq.seq_id, None)
         return make_output(seq, num_new, new_text)
+
+    def _release(self, seqs: list[Sequence]) -> None:
+        """Drop what backends hold per sequence (the transformers fallback's caches) once a sequence
+        finishes or is preempted; the scheduler has already freed its blocks."""
+        for seq in seqs:
+            for backend in self.backends.values():
+                backend.release(seq.seq_id)
 
     def _speculative_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
         from collab_decode.engine.speculative import speculative_step

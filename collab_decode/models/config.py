@@ -176,10 +176,10 @@ def _rope_config(d: dict[str, Any]) -> RopeConfig:
     params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
     theta = params.pop("rope_theta", d.get("rope_theta", 10000.0))
     rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type not in ROPE_TYPES:  # before its parameters, which only make sense for a known type
+        raise ConfigError(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
     known = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
     extra = sorted(set(params) - known)
     if extra and rope_type != "default":
-        raise ConfigError(f"rope parameter(s) not supported: {', '.join(extra)}")
-    if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+        raise ConfigError(f"rope parameter(s) not supported for rope type {rope_type!r}: {', '.join(extra)}")
     return RopeConfig(theta=float(theta), type=rope_type, **{k: params[k] for k in known if k in params})

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from collab_decode.models.config import ConfigError, ModelConfig
-from collab_decode.models.llama import LlamaForCausalLM
+from collab_decode.models.llama import LlamaForCausalLM, checkpoint_shapes, fuse_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
@@ -72,7 +72,7 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def check_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], tied: bool) -> None:
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+    expected = checkpoint_shapes(model)
     if tied:
         expected.pop("lm_head.weight", None)  # shares the embedding; a stored copy is ignored
         tensors.pop("lm_head.weight", None)
@@ -106,7 +106,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
         model = LlamaForCausalLM(config)
     check_tensors(model, tensors, config.tie_word_embeddings)
     model = LlamaForCausalLM(config).to(dtype=torch_dtype)  # real storage only once all checks passed
-    model.load_state_dict({n: t.to(torch_dtype) for n, t in tensors.items()}, strict=False)
+    model.load_state_dict(fuse_checkpoint({n: t.to(torch_dtype) for n, t in tensors.items()}), strict=False)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,134 @@
+"""`collab-decode`: generate, demo (train / eval), bench. Each subcommand's --help is complete."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from collab_decode.engine.config import MIB, EngineConfig
+from collab_decode.engine.scheduler import SchedulerConfig
+
+HIGHLIGHT, RESET = "\x1b[1;30;43m", "\x1b[0m"  # large-model tokens: black on yellow
+
+ENGINE_HELP = {
+    "block_size": "tokens per KV-cache block",
+    "small_kv_bytes": "KV-cache memory for the small model, in MiB",
+    "large_kv_bytes": "KV-cache memory for the large model, in MiB",
+    "default_policy": "routing policy for requests that name none",
+    "step_delimiter": "text that ends a reasoning step (step-level policies)",
+    "max_num_seqs": "most sequences in one batch",
+    "max_num_batched_tokens": "most small-model tokens per engine step (longer prompts are prefilled in chunks)",
+    "max_model_len": "most tokens (prompt + output) of one sequence",
+}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Model selection, plus one flag per EngineConfig / SchedulerConfig field."""
+    g = parser.add_argument_group("models")
+    g.add_argument("--model", help="a single model directory (Hugging Face format)")
+    g.add_argument("--pair", help="a shipped pair by name: demo")
+    g.add_argument("--small", help="small model directory of a pair")
+    g.add_argument("--large", help="large model directory of a pair")
+    g.add_argument("--backend", default="native", choices=["native", "transformers"], help="model implementation")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    e = parser.add_argument_group("engine")
+    for cls in (EngineConfig, SchedulerConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == "scheduler":
+                continue
+            default = f.default // MIB if f.name.endswith("_bytes") else f.default
+            e.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default,
+                           help=f"{ENGINE_HELP[f.name]} (default: {default!r})")
+
+
+def engine_from_args(args: argparse.Namespace, policy_needs_large: bool = True):
+    from collab_decode.engine.loading import build_engine, resolve_pair
+
+    small, large = resolve_pair(args.pair, args.small, args.large)
+    if args.model:
+        if small or large:
+            raise SystemExit("error: give either --model or a pair (--pair / --small and --large), not both")
+        small = args.model
+    if small is None:
+        raise SystemExit("error: no model: give --model DIR, --pair demo, or --small DIR --large DIR")
+    scheduler = SchedulerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SchedulerConfig)})
+    config = EngineConfig(
+        block_size=args.block_size, small_kv_bytes=args.small_kv_bytes * MIB, large_kv_bytes=args.large_kv_bytes * MIB,
+        default_policy=args.default_policy, step_delimiter=args.step_delimiter, scheduler=scheduler)
+    return build_engine(small, large if policy_needs_large else None, args.backend, args.dtype, args.device, config)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=512)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from collab_decode.sampling import SamplingParams
+
+    engine = engine_from_args(args, policy_needs_large=args.policy not in ("small",))
+    prompt = args.prompt
+    if args.chat:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    result = engine.generate([prompt], sampling, args.policy)[0]
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "provenance": result.provenance,
+                          "finish_reason": result.finish_reason, "stats": result.stats}))
+        return 0
+    tok = engine.tokenizer
+    pieces = []
+    for token, source in zip(result.token_ids, result.provenance):
+        piece = tok.decode([token], skip_special_tokens=True)
+        pieces.append(f"{HIGHLIGHT}{piece}{RESET}" if source == "large" and piece else piece)
+    print("".join(pieces))
+    s = result.stats
+    print(f"\n[{args.policy}] {len(result.token_ids)} tokens: {s['small_tokens']} small, {s['large_tokens']} large "
+          f"(large share {s['large_share']:.1%}, {s['large_calls']} large calls, {s['catchup_tokens']} catch-up tokens)"
+          f"; finish: {result.finish_reason}" + (f"; {HIGHLIGHT}highlighted{RESET} = large model" if s['large_tokens'] else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="collab-decode", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt, showing which model wrote each token")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--policy", default="small",
+                     help="small | large | random:p | entropy:t | confidence:t | step-entropy:t | "
+                          "neural:PATH[:t] | speculative:k (default: small)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, provenance, stats")
+    gen.set_defaults(func=cmd_generate)
+
+    from collab_decode.demo.cli import add_demo_parser
+    add_demo_parser(sub)
+    from collab_decode.bench.cli import add_bench_parser
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Engine invariants on a tiny random-init pair: policies vs models alone, batched = unbatched, blocks freed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from collab_decode.sampling import SamplingParams
+from tests.utils import make_engine, make_pair
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+PROMPTS = [[5, 17, 42, 8], [100, 3], [7, 7, 7, 7, 7, 7, 7, 7, 9, 11, 13], [250, 251, 252, 1, 2, 3, 60]]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def engine(pair):
+    return make_engine(*pair)
+
+
+@pytest.fixture(scope="module")
+def mid_entropy(pair):
+    """The median next-token entropy of the small model over the prompts: a threshold that routes some tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from collab_decode.routing import entropy
+
+    model = AutoModelForCausalLM.from_pretrained(str(pair[0])).eval()
+    with torch.no_grad():
+        values = torch.cat([entropy(model(torch.tensor([p])).logits[0]) for p in PROMPTS])
+    return round(float(values.median()), 4)
+
+
+def hf_greedy(path, prompt, n):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def run_alone(engine, policy, sampling=GREEDY):
+    return [engine.generate([p], sampling, policy)[0] for p in PROMPTS]
+
+
+def check_all_free(engine):
+    assert not engine.has_unfinished()
+    for name, kv in engine.kv.items():
+        assert kv.num_used_blocks == 0, f"{name} pool leaks {kv.num_used_blocks} blocks"
+
+
+def test_small_policy_equals_small_model_alone(engine, pair):
+    for prompt, result in zip(PROMPTS, run_alone(engine, "small")):
+        assert result.token_ids == hf_greedy(pair[0], prompt, GREEDY.max_tokens)
+        assert set(result.provenance) == {"small"}
+    check_all_free(engine)
+
+
+@pytest.mark.parametrize("policy", ["large", "speculative:1", "speculative:3", "speculative:5"])
+def test_lossless_policies_equal_large_model_alone(engine, pair, policy):
+    for prompt, result in zip(PROMPTS, run_alone(engine, policy)):
+        assert result.token_ids == hf_greedy(pair[1], prompt, GREEDY.max_tokens)
+    check_all_free(engine)
+
+
+def test_large_policy_provenance_and_stats(engine):
+    result = engine.generate([PROMPTS[0]], GREEDY, "large")[0]
+    assert result.provenance == ["large"] * GREEDY.max_tokens
+    assert result.stats["large_share"] == 1.0
+
+
+@pytest.mark.parametrize("policy", ["small", "large", "random:0.3", "entropy:MID", "confidence:0.0035",
+                                    "step-entropy:MID", "speculative:3"])
+def test_batched_equals_unbatched(engine, policy, mid_entropy):
+    policy = policy.replace("MID", str(mid_entropy))
+    alone = run_alone(engine, policy)
+    batched = engine.generate(PROMPTS, GREEDY, policy)
+    for a, b in zip(alone, batched):
+        assert a.token_ids == b.token_ids
+        assert a.provenance == b.provenance
+    check_all_free(engine)
+
+
+def test_entropy_routes_some_tokens_and_stats_add_up(engine, mid_entropy):
+    result = engine.generate(PROMPTS, GREEDY, f"entropy:{mid_entropy}")
+    large = sum(r.stats["large_tokens"] for r in result)
+    total = sum(len(r.token_ids) for r in result)
+    assert 0 < large < total  # the threshold sits inside this tiny model's entropy range
+    for r in result:
+        assert r.stats["large_tokens"] == r.provenance.count("large")
+        assert r.stats["small_tokens"] + r.stats["large_tokens"] == len(r.token_ids)
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    sampling = SamplingParams(max_tokens=16, temperature=1.0, seed=1234, ignore_eos=True)
+    first = engine.generate(PROMPTS, sampling, "random:0.5")
+    again = engine.generate(PROMPTS[::-1], sampling, "random:0.5")[::-1]
+    assert [r.token_ids for r in first] == [r.token_ids for r in again]
+    other = engine.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=1.0, seed=99, ignore_eos=True))
+    assert [r.token_ids for r in first] != [r.token_ids for r in other]
+
+
+def test_abort_and_preemption_free_every_block(pair):
+    # pools of 12 blocks of 4 tokens cannot hold 4 sequences of ~35 tokens: the scheduler must preempt.
+    # K+V bytes per token: small 2 layers x 2 kv heads x 8 dims, large 3 x 2 x 16, float32
+    engine = make_engine(*pair, block_size=4, small_kv_bytes=48 * 2 * 2 * 2 * 8 * 4,
+                         large_kv_bytes=48 * 2 * 3 * 2 * 16 * 4)
+    assert engine.kv["small"].pool.num_blocks == engine.kv["large"].pool.num_blocks == 12
+    ids = [engine.add_request(p, GREEDY, policy) for p, policy in
+           zip(PROMPTS, ["small", "random:0.5", "speculative:2", "large"])]
+    finished = {}
+    for step in range(400):
+        for out in engine.step():
+            if out.finished:
+                finished[out.seq_id] = out.seq
+        if step == 5:
+            engine.abort(ids[1])
+        if not engine.has_unfinished():
+            break
+    assert set(finished) == {ids[0], ids[2], ids[3]}
+    assert sum(s.stats.num_preemptions for s in finished.values()) > 0
+    check_all_free(engine)
+    # preempted sequences recompute to the same greedy output as an unconstrained engine
+    reference = make_engine(*pair)
+    for i, policy in zip([0, 2, 3], ["small", "speculative:2", "large"]):
+        assert finished[ids[i]].output_ids == reference.generate([PROMPTS[i]], GREEDY, policy)[0].token_ids
+
+
+def test_bad_requests_are_refused(engine):
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([], GREEDY)
+    with pytest.raises(ValueError, match="out of range"):
+        engine.add_request([10**6], GREEDY)
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        engine.add_request([1, 2], GREEDY, "magic:3")
+    with pytest.raises(ValueError, match="context length"):
+        engine.add_request([1, 2], SamplingParams(max_tokens=10**6))
+    check_all_free(engine)
