@@ -40,6 +40,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.vocab_size = min([b.vocab_size for b in self.backends.values()] + [len(tokenizer)])
         self.eos_token_ids = set(small.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
+        # the context a request may use: the configured limit, capped by what every model was built for
+        model_limits = [b.config.max_position_embeddings for b in self.backends.values()
+                        if hasattr(getattr(b, "config", None), "max_position_embeddings")]
+        self.max_model_len = min([self.config.scheduler.max_model_len] + model_limits)
         kv = {name: self._init_cache(name, b) for name, b in self.backends.items()}
         self.scheduler = Scheduler(self.config.scheduler, kv)
         self.sampler = Sampler()
@@ -79,7 +83,7 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id(s) out of range [0, {self.vocab_size}): {bad[:5]}")
-        max_len = self.config.scheduler.max_model_len
+        max_len = self.max_model_len
         if len(prompt_ids) + sampling.max_tokens > max_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) "
                              f"exceeds the context length {max_len}")
@@ -230,7 +234,7 @@ class Engine:
         reason = None
         if (last in self.eos_token_ids and not seq.sampling.ignore_eos) or last in seq.sampling.stop_token_ids:
             reason = "stop"
-        elif seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.config.scheduler.max_model_len:
+        elif seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         new_text, stopped = self.detokenizer.update(seq, final=reason is not None)
         if stopped:

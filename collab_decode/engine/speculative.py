@@ -20,7 +20,7 @@ from collab_decode.sampling import processed_probs
 
 def _draft_lengths(engine, seqs: list[Sequence]) -> list[int]:
     # never draft past what the request may still emit (the verify step adds one more token)
-    max_len = engine.config.scheduler.max_model_len
+    max_len = engine.max_model_len
     return [max(0, min(s.policy.k, s.sampling.max_tokens - s.num_output_tokens - 1, max_len - s.num_tokens - 1))
             for s in seqs]
 
@@ -67,11 +67,12 @@ def speculative_step(engine, seqs: list[Sequence]) -> list[RequestOutput]:
     ks = _draft_lengths(engine, seqs)
     for seq, k in zip(seqs, ks):  # small-model room for the backlog and k - 1 fed-back drafts
         if seq.status is Status.RUNNING:
-            engine.scheduler.reserve(SMALL, [seq], [seq.num_tokens + k])
+            engine._release(engine.scheduler.reserve(SMALL, [seq], [seq.num_tokens + k]))
     live = [(s, k) for s, k in zip(seqs, ks) if s.status is Status.RUNNING]
     seqs, ks = [s for s, _ in live], [k for _, k in live]
     base, draft_probs = _draft(engine, seqs, ks)
     preempted = engine.scheduler.reserve(LARGE, seqs, [s.num_tokens for s in seqs])
+    engine._release(preempted)
     for seq, n in zip(seqs, base):
         if seq in preempted:
             del seq.token_ids[n:]  # drop its drafts; it restarts from its committed tokens

@@ -11,7 +11,7 @@ from collab_decode.backends.hf import TransformersBackend
 from collab_decode.backends.native import NativeBackend
 from collab_decode.engine.engine import Engine
 from collab_decode.sampling import SamplingParams
-from tests.utils import make_hf_model, save_hf_model
+from tests.utils import save_hf_model
 
 ATOL = 1e-4
 
