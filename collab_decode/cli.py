@@ -1,4 +1,4 @@
-"""`collab-decode`: generate, demo (train / eval), bench. Each subcommand's --help is complete."""
+"""`collab-decode`: generate, serve, demo (train / eval), bench. Each subcommand's --help is complete."""
 
 from __future__ import annotations
 
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     from collab_decode.bench.cli import add_bench_parser
     add_bench_parser(sub)
+    from collab_decode.serve.cli import add_serve_parser
+    add_serve_parser(sub)
     return parser
 
 

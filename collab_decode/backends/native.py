@@ -7,7 +7,6 @@ padded block tables and key mask, and the prefill chunks. The model then runs ev
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -68,54 +67,61 @@ class NativeBackend:
         return out
 
     def prepare_inputs(self, batch: ModelInput):
-        """Device tensors for one forward: ids (T,), positions (T,), attention metadata, last index (B,)."""
+        """Device tensors for one forward: ids (T,), positions (T,), attention metadata, last index (B,).
+
+        Decoding sequences (one new token) are handled with plain Python ints and one tensor build per
+        step; prefill chunks compute their slots with tensor ops.
+        """
         block_size = self.cache.block_size
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        positions: list[int] = []
+        slots: list[int] = []
         last_idx: list[int] = []
         seq_lens: list[int] = []
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
+        prefill_slots: list[tuple[int, torch.Tensor]] = []  # (offset in the batch, slots)
         for chunk in batch.chunks:
             n, start = len(chunk.token_ids), len(ids)
-            if n == 0:
-                raise ValueError(f"sequence {chunk.seq_id}: a forward chunk needs at least one new token")
             seq_len = chunk.num_cached + n
-            num_blocks = math.ceil(seq_len / block_size)
-            if len(chunk.block_table) < num_blocks:
-                raise ValueError(f"sequence {chunk.seq_id}: block table holds {len(chunk.block_table)} blocks, "
-                                 f"{num_blocks} needed for {seq_len} tokens")
-            table = torch.tensor(chunk.block_table[:num_blocks], dtype=torch.int64)
-            pos = torch.arange(chunk.num_cached, seq_len, dtype=torch.int64)
+            num_blocks = -(-seq_len // block_size)
+            if n == 0 or len(chunk.block_table) < num_blocks:
+                raise ValueError(f"sequence {chunk.seq_id}: chunk of {n} tokens on {chunk.num_cached} cached needs "
+                                 f"{num_blocks} blocks and at least one token; block table has {len(chunk.block_table)}")
             ids.extend(chunk.token_ids)
-            positions.append(pos)
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
             last_idx.append(start + n - 1)
             seq_lens.append(seq_len)
             if n == 1:
+                p = chunk.num_cached
+                positions.append(p)
+                slots.append(chunk.block_table[p // block_size] * block_size + p % block_size)
                 decode_rows.append(start)
                 decode_tables.append(chunk.block_table[:num_blocks])
-            else:
-                prefills.append(PrefillChunk(start, start + n, chunk.num_cached, table.to(self.device)))
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat(slots).to(self.device),
-            decode_token_idx=None, decode_block_tables=None, decode_mask=None, prefills=prefills,
-        )
+                decode_lens.append(seq_len)
+                continue
+            table = torch.tensor(chunk.block_table[:num_blocks], dtype=torch.int64)
+            pos = torch.arange(chunk.num_cached, seq_len, dtype=torch.int64)
+            positions.extend(range(chunk.num_cached, seq_len))
+            slots.extend([0] * n)  # filled from prefill_slots below
+            prefill_slots.append((start, table[pos // block_size] * block_size + pos % block_size))
+            prefills.append(PrefillChunk(start, start + n, chunk.num_cached, table.to(self.device)))
+        slot_mapping = torch.tensor(slots, dtype=torch.int64)
+        for start, chunk_slots in prefill_slots:
+            slot_mapping[start:start + len(chunk_slots)] = chunk_slots
+        meta = AttentionMetadata(slot_mapping=slot_mapping.to(self.device), decode_token_idx=None,
+                                 decode_block_tables=None, decode_mask=None, prefills=prefills)
         if decode_rows:
-            self._prepare_decode(meta, decode_rows, decode_tables,
-                                 [seq_lens[i] for i, c in enumerate(batch.chunks) if len(c.token_ids) == 1])
+            self._prepare_decode(meta, decode_rows, decode_tables, decode_lens)
         device = self.device
-        return (torch.tensor(ids, dtype=torch.int64, device=device), torch.cat(positions).to(device), meta,
+        return (torch.tensor(ids, dtype=torch.int64, device=device), torch.tensor(positions, device=device), meta,
                 torch.tensor(last_idx, dtype=torch.int64, device=device), seq_lens)
 
     def _prepare_decode(self, meta: AttentionMetadata, rows: list[int], tables: list[list[int]],
                         seq_lens: list[int]) -> None:
         max_blocks = max(len(t) for t in tables)
-        padded = torch.zeros(len(tables), max_blocks, dtype=torch.int64)
-        for i, t in enumerate(tables):
-            padded[i, :len(t)] = torch.tensor(t, dtype=torch.int64)
+        padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int64)
         key_pos = torch.arange(max_blocks * self.cache.block_size)
         mask = key_pos[None, :] < torch.tensor(seq_lens)[:, None]  # (Bd, L)
         meta.decode_token_idx = torch.tensor(rows, dtype=torch.int64, device=self.device)

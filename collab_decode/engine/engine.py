@@ -175,13 +175,15 @@ class Engine:
 
     def _route(self, proposals: dict[int, "Proposal"]) -> list[Sequence]:
         """Ask each policy about its sequences (batched per policy); mark routed proposals."""
-        if any(p.sample is not None for p in proposals.values()):
+        if any(p.sample is not None and p.seq.policy.uses_large for p in proposals.values()):
             seqs, logits, hidden, tokens = self._router_view
             by_policy: dict[int, list[int]] = {}
             for i, seq in enumerate(seqs):
                 by_policy.setdefault(id(seq.policy), []).append(i)
             for rows in by_policy.values():
                 policy = seqs[rows[0]].policy
+                if not policy.uses_large:
+                    continue
                 idx = torch.tensor(rows)
                 inputs = RouterInputs([seqs[i] for i in rows], logits[idx], hidden[idx], tokens[idx],
                                       self.backends[SMALL].embed)

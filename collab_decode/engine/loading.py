@@ -26,8 +26,10 @@ def load_backend(path: str | Path, backend: str = "native", dtype: str = "float3
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
+    if not Path(path).is_dir():
+        raise ValueError(f"model directory {path} does not exist")
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
 

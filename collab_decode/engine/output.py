@@ -22,10 +22,25 @@ class RequestOutput:
 
 
 class Detokenizer:
-    """Decodes a sequence's whole output each time and emits the part not yet emitted."""
+    """Incremental detokenization: each step decodes only a short window around the new tokens.
+
+    The window starts a few tokens back (`detok_offsets`) so tokenizers whose rendering of a token
+    depends on its neighbours (leading spaces, byte fallback) come out as a full decode would.
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+
+    def _decode_new(self, seq: Sequence, final: bool) -> None:
+        ids = seq.output_ids
+        prefix, read = seq.detok_offsets
+        decode = self.tokenizer.decode
+        before = decode(ids[prefix:read], skip_special_tokens=True) if read > prefix else ""
+        after = decode(ids[prefix:], skip_special_tokens=True)
+        if after.endswith("\ufffd") and not final:
+            return  # an incomplete UTF-8 sequence: wait for its next byte
+        seq.decoded_text += after[len(before):]
+        seq.detok_offsets = (read, len(ids))
 
     def update(self, seq: Sequence, final: bool = False) -> tuple[str, bool]:
         """Text added since the last call, and whether a stop string ended the output.
@@ -34,17 +49,13 @@ class Detokenizer:
         its last len(stop) - 1 characters are held back, so streamed text never has to be taken back;
         `final` releases them.
         """
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        emitted = seq.output_text
-        stops = seq.sampling.stop
-        stop_at = check_stop(text, max(0, len(emitted)), stops) if stops else None
+        self._decode_new(seq, final)
+        text, emitted, stops = seq.decoded_text, seq.output_text, seq.sampling.stop
+        stop_at = check_stop(text, len(emitted), stops) if stops else None
         if stop_at is not None:
             text = text[:stop_at]
-        elif not final:
-            if text.endswith("\ufffd"):
-                text = text[:-1]  # an incomplete UTF-8 sequence: wait for its next byte
-            if stops:
-                text = text[:max(len(emitted), len(text) - (max(map(len, stops)) - 1))]
+        elif stops and not final:
+            text = text[:max(len(emitted), len(text) - (max(map(len, stops)) - 1))]
         if not text.startswith(emitted):
             return "", stop_at is not None
         seq.output_text = text

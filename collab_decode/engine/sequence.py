@@ -58,7 +58,9 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
-    output_text: str = ""  # detokenized output, truncated at a stop string
+    output_text: str = ""  # detokenized output emitted so far, truncated at a stop string
+    decoded_text: str = ""  # everything detokenized so far (may run ahead of output_text)
+    detok_offsets: tuple[int, int] = (0, 0)  # output tokens [prefix, read): the incremental decode window
     stats: SequenceStats = field(default_factory=SequenceStats)
     generator: Any = None  # torch.Generator of a seeded request
 

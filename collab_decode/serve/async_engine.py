@@ -1,0 +1,331 @@
+"""AsyncEngine: asyncio tasks share one Engine that a single engine thread steps.
+
+Data flow:
+
+    asyncio task: await add_request(...) --("add", stream)--> commands (list under a Condition)
+                  stream.abort()         --("abort", stream)-->        |
+    engine thread: between steps, apply commands (Engine.add_request / Engine.abort); step while
+                   there is work, sleep on the Condition otherwise
+                   Engine.step() -> RequestOutput per request -> Delta (a snapshot: the Sequence keeps
+                   changing on this thread) -> loop.call_soon_threadsafe -> the stream's asyncio.Queue
+    asyncio task: async for delta in stream (ends after the delta with finished=True)
+
+The Engine is not thread-safe: only the engine thread touches it. add_request resolves only once the
+engine has accepted the request, so a bad request raises ValueError in the caller (HTTP 400, gRPC
+INVALID_ARGUMENT) before any output, and the engine thread carries on. At most `max_queue` requests
+are in flight; past that add_request raises EngineBusy (HTTP 429, gRPC RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from collab_decode.routing import parse_policy
+from collab_decode.sampling import SamplingParams
+from collab_decode.serve.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+_POLICY_CACHE_SIZE = 64  # parsed policies kept (a neural router loads its weights once per spec)
+
+
+class EngineBusy(Exception):
+    """The server holds max_queue requests already; the caller should retry later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread stopped (shutdown or a failed step) before the request finished."""
+
+
+@dataclass
+class Delta:
+    """What one engine step added to one request (built on the engine thread, read on the loop)."""
+
+    token_ids: list[int]  # tokens committed this step
+    text: str  # text they added (held back while a stop string may be partial)
+    provenance: list[str]  # "small" / "large" per new token
+    logprobs: list[float]  # chosen-token logprob per new token (empty unless asked)
+    top_logprobs: list[list[tuple[int, float]]]  # per new token: (token id, logprob) of the top n, if asked
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" at the end
+    num_prompt_tokens: int
+    stats: dict  # SequenceStats.as_dict(): small_tokens, large_tokens, large_share, large_calls, ...
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    routing: str | None
+    accepted: asyncio.Future  # resolves when the engine has queued the request (or raises its error)
+    outputs: asyncio.Queue  # Delta | Exception, in order
+    closed: bool = False  # loop side: finished, failed or aborted (its admission slot is free again)
+    seq_id: int | None = None  # engine thread only
+    num_sent: int = 0  # output tokens already delivered (engine thread only)
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+class RequestStream:
+    """One request's outputs: `async for delta in stream`; leaving `async with stream` early aborts it,
+    and so does dropping a stream that was never read to the end."""
+
+    def __init__(self, engine: "AsyncEngine", request: _Request):
+        self._engine = engine
+        self._request = request
+        self._first_token_seen = False
+        weakref.finalize(self, engine._abandon, request)
+
+    @property
+    def finished(self) -> bool:
+        return self._request.closed
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._request.outputs.get()
+        if isinstance(item, Exception):
+            self._engine._close(self._request, "error")
+            raise item
+        self._observe(item)
+        if item.finished:
+            self._engine._close(self._request, item.finish_reason or "stop")
+        return item
+
+    def _observe(self, delta: Delta) -> None:
+        metrics = self._engine.metrics
+        metrics.count_tokens(delta.provenance)
+        elapsed = time.perf_counter() - self._request.arrival
+        if delta.token_ids and not self._first_token_seen:
+            self._first_token_seen = True
+            metrics.ttft.observe(elapsed)
+        if delta.finished:
+            metrics.e2e.observe(elapsed)
+            metrics.prompt_tokens.inc(delta.num_prompt_tokens)
+            metrics.request_large_share.observe(delta.stats["large_share"])
+
+    def abort(self) -> None:
+        """Stop the request now (a client went away); the engine frees its blocks before its next step."""
+        self._engine._abort_request(self._request)
+
+    async def collect(self) -> list[Delta]:
+        """All deltas to the end (for non-streaming calls)."""
+        return [delta async for delta in self]
+
+    async def __aenter__(self) -> "RequestStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.abort()
+
+
+class AsyncEngine:
+    def __init__(self, engine, max_queue: int = 256, metrics: ServerMetrics | None = None):
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.engine = engine
+        self.max_queue = max_queue
+        self.metrics = metrics or ServerMetrics()
+        self.num_in_flight = 0  # loop side only
+        self._commands: list[tuple[str, _Request]] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._active: dict[int, _Request] = {}  # seq_id -> request; engine thread only
+        self._policies: OrderedDict[str, object] = OrderedDict()  # engine thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- loop side ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will read the outputs."""
+        self._loop = asyncio.get_running_loop()
+        self.metrics.set_engine_state(self.engine)
+        self._thread = threading.Thread(target=self._run, name="collab-decode-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    async def add_request(self, prompt_ids: list[int], sampling: SamplingParams,
+                          routing: str | None = None) -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it.
+
+        Raises EngineBusy past max_queue, ValueError for a request the engine refuses (empty or too
+        long prompt, unknown policy, ...), EngineStopped if the server is shutting down.
+        """
+        if self._thread is None or self._stopping:
+            raise EngineStopped("the engine is not running")
+        if self.num_in_flight >= self.max_queue:
+            self.metrics.requests.labels("busy").inc()
+            raise EngineBusy(f"the server is at capacity ({self.num_in_flight} requests in flight, "
+                             f"max_queue={self.max_queue}); retry later")
+        loop = asyncio.get_running_loop()
+        request = _Request(list(prompt_ids), sampling, routing, loop.create_future(), asyncio.Queue())
+        stream = RequestStream(self, request)
+        self.num_in_flight += 1
+        self.metrics.in_flight.set(self.num_in_flight)
+        self._submit(("add", request))
+        try:
+            await request.accepted
+        except ValueError:
+            self._close(request, None)  # the API layer counts it with the other invalid requests
+            raise
+        except EngineStopped:
+            self._close(request, "error")
+            raise
+        except BaseException:  # cancelled while waiting: the engine may have added it already
+            self._abort_request(request)
+            raise
+        return stream
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def _submit(self, command: tuple[str, _Request]) -> None:
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
+
+    def _abort_request(self, request: _Request) -> None:
+        if not request.closed:
+            self._submit(("abort", request))
+            self._close(request, "abort")
+
+    def _close(self, request: _Request, outcome: str | None) -> None:
+        """Free the request's admission slot (once) and count its outcome."""
+        if request.closed:
+            return
+        request.closed = True
+        self.num_in_flight -= 1
+        self.metrics.in_flight.set(self.num_in_flight)
+        if outcome is not None:
+            self.metrics.requests.labels(outcome).inc()
+
+    def _abandon(self, request: _Request) -> None:
+        """A stream was garbage-collected (on any thread): abort its request on the loop if still open."""
+        if not request.closed:
+            self._post(self._abort_request, request)
+
+    # ---- engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._commands or self._stopping or self.engine.has_unfinished()):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                commands, self._commands = self._commands, []
+            for kind, request in commands:
+                if kind == "add":
+                    self._add(request)
+                else:
+                    self._abort(request)
+            if self.engine.has_unfinished():
+                self._step()
+            self.metrics.set_engine_state(self.engine)
+        self._fail_all(EngineStopped("the server is shutting down"))
+
+    def _add(self, request: _Request) -> None:
+        try:
+            policy = self._policy(request.routing)
+            request.seq_id = self.engine.add_request(request.prompt_ids, request.sampling, policy)
+        except Exception as e:  # ValueError: the request's fault; anything else: reported, not fatal
+            if not isinstance(e, ValueError):
+                log.exception("add_request failed")
+            self._post(_settle, request.accepted, e)
+            return
+        self._active[request.seq_id] = request
+        self._post(_settle, request.accepted, None)
+
+    def _policy(self, spec: str | None):
+        """The parsed policy for `spec` (None: the engine default), shared by requests naming it."""
+        spec = spec or self.engine.config.default_policy
+        if spec not in self._policies:
+            self._policies[spec] = parse_policy(spec, self.engine)
+            if len(self._policies) > _POLICY_CACHE_SIZE:
+                self._policies.popitem(last=False)
+        self._policies.move_to_end(spec)
+        return self._policies[spec]
+
+    def _abort(self, request: _Request) -> None:
+        if request.seq_id is not None and self._active.pop(request.seq_id, None) is not None:
+            self.engine.abort(request.seq_id)
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            log.exception("engine step failed; failing the requests in flight")
+            self._fail_all(EngineStopped(f"engine step failed: {e!r}"), include_queued=False)
+            return
+        self.metrics.step_seconds.observe(time.perf_counter() - t0)
+        deliveries = []
+        for out in outputs:
+            request = self._active.get(out.seq_id)
+            if request is None:
+                continue  # aborted meanwhile
+            deliveries.append((request, self._delta(request, out)))
+            if out.finished:
+                del self._active[out.seq_id]
+        if deliveries:
+            self._post(_deliver, deliveries)
+
+    @staticmethod
+    def _delta(request: _Request, out) -> Delta:
+        seq, start = out.seq, request.num_sent
+        end = start + len(out.new_token_ids)
+        request.num_sent = end
+        return Delta(token_ids=list(out.new_token_ids), text=out.new_text, provenance=list(out.new_provenance),
+                     logprobs=seq.logprobs[start:end], top_logprobs=seq.top_logprobs[start:end],
+                     finished=out.finished, finish_reason=out.finish_reason,
+                     num_prompt_tokens=seq.num_prompt_tokens, stats=seq.stats.as_dict())
+
+    def _fail_all(self, error: Exception, include_queued: bool = True) -> None:
+        """Fail every request in the engine (and those not yet added, when shutting down); free their blocks."""
+        if include_queued:
+            with self._cond:
+                commands, self._commands = self._commands, []
+            for kind, request in commands:
+                if kind == "add":
+                    self._post(_settle, request.accepted, error)
+        for seq_id, request in list(self._active.items()):
+            try:
+                self.engine.abort(seq_id)
+            except Exception:
+                log.exception("abort of sequence %d failed", seq_id)
+            self._post(request.outputs.put_nowait, error)
+        self._active.clear()
+        self.metrics.set_engine_state(self.engine)
+
+    def _post(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+def _settle(future: asyncio.Future, error: Exception | None) -> None:
+    if future.done():
+        return  # the caller gave up waiting
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _deliver(deliveries: list[tuple[_Request, Delta]]) -> None:
+    for request, delta in deliveries:
+        request.outputs.put_nowait(delta)

@@ -1,0 +1,106 @@
+"""`collab-decode serve`: REST (OpenAI-compatible) and gRPC in one process over one engine thread."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from collab_decode.serve.server import ServeConfig
+
+API_KEY_ENV = "COLLAB_DECODE_API_KEY"
+PAIR_DEFAULT_POLICY = "entropy:0.6"  # what a pair routes by when neither request nor flag names a policy
+
+
+def add_serve_parser(sub) -> None:
+    from collab_decode.cli import add_engine_args
+
+    serve = sub.add_parser(
+        "serve", help="serve a model pair over OpenAI-compatible REST and gRPC",
+        description="Serve a small-large pair (default: the shipped demo pair) over REST (/v1/completions, "
+                    "/v1/chat/completions, /v1/models, /health, /metrics) and gRPC (protos/collab_decode/v1), "
+                    "one process, one engine thread. Requests choose routing with the `routing` extension "
+                    '(e.g. {"policy": "entropy", "threshold": 0.6}); usage reports small and large token counts.')
+    add_engine_args(serve)
+    policy = serve._option_string_actions["--default-policy"]
+    policy.default = None
+    policy.help = (f"routing policy for requests that name none (default: {PAIR_DEFAULT_POLICY} for a pair, "
+                   "small for one model)")
+    serve._option_string_actions["--pair"].help = "a shipped pair by name (default: demo, unless --model or " \
+                                                   "--small/--large is given)"
+    s = serve.add_argument_group("server")
+    s.add_argument("--host", default=ServeConfig.host, help=f"interface to listen on (default: {ServeConfig.host})")
+    s.add_argument("--port", type=int, default=ServeConfig.port, help=f"REST port (default: {ServeConfig.port})")
+    s.add_argument("--grpc-port", type=int, default=ServeConfig.grpc_port,
+                   help=f"gRPC port (default: {ServeConfig.grpc_port})")
+    s.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1 and gRPC calls (default: ${API_KEY_ENV} if set, "
+                        "else no key)")
+    s.add_argument("--max-queue", type=int, default=ServeConfig.max_queue,
+                   help=f"most requests in flight before HTTP 429 / RESOURCE_EXHAUSTED (default: {ServeConfig.max_queue})")
+    s.add_argument("--served-model-name", default=None,
+                   help="the model name requests use (default: the pair's name, or the model directories' names)")
+    s.add_argument("--router", action="append", default=[],
+                   help="a neural router checkpoint requests may use (repeatable; the first is the default for "
+                        '{"policy": "neural"})')
+    s.add_argument("--log-level", default=ServeConfig.log_level, choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=cmd_serve)
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Serve's defaults that depend on other flags: the demo pair when no model is named; the default
+    policy by whether there is a large model."""
+    if not (args.pair or args.model or args.small or args.large):
+        args.pair = "demo"
+    if args.default_policy is None:
+        args.default_policy = "small" if args.model else PAIR_DEFAULT_POLICY
+    return args
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if args.pair:
+        return args.pair
+    dirs = [d for d in (args.small, args.large) if d] or [args.model]
+    return "+".join(Path(d).resolve().name for d in dirs)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from collab_decode.cli import engine_from_args
+    from collab_decode.routing import parse_policy
+    from collab_decode.serve.requests import ServedModel, neural_router_path
+    from collab_decode.serve.server import Server
+
+    resolve_defaults(args)
+    config = ServeConfig(host=args.host, port=args.port, grpc_port=args.grpc_port,
+                         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                         max_queue=args.max_queue, log_level=args.log_level)
+    engine = engine_from_args(args)
+    parse_policy(args.default_policy, engine)  # a bad default fails now, not on the first request
+    routers = list(args.router)
+    if args.default_policy.startswith("neural:"):
+        routers.append(neural_router_path(args.default_policy)[0])
+    small, large = engine_dirs(args)
+    model = ServedModel(name=served_model_name(args), small_dir=str(small), large_dir=large, routers=tuple(routers))
+
+    def announce(server: Server) -> None:
+        print(f"collab-decode: serving {model.name!r} (default policy {args.default_policy}): "
+              f"REST http://{config.host}:{server.port}/v1, gRPC {config.host}:{server.grpc_port}"
+              + ("; API key required" if config.api_key else "") + ". Ctrl-C stops.", flush=True)
+
+    try:
+        asyncio.run(Server(engine, model, config).run_until_signal(announce))
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def engine_dirs(args: argparse.Namespace) -> tuple[str, str | None]:
+    from collab_decode.engine.loading import resolve_pair
+
+    small, large = resolve_pair(args.pair, args.small, args.large)
+    return (small or args.model), large

@@ -1,0 +1,67 @@
+"""Prometheus metrics of one server, in their own registry (so several servers can share a process).
+
+The engine thread sets the gauges that describe the engine (queue depth, KV blocks in use); the
+asyncio side counts requests and tokens and observes latencies as outputs arrive.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the REST layer)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_SHARE_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("collab_decode_requests", "Requests by outcome: stop, length, abort (client went "
+                                "away), invalid (400), busy (429), unauthorized (401), error", ["outcome"], registry=r)
+        self.prompt_tokens = Counter("collab_decode_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("collab_decode_generation_tokens", "Output tokens by the model that wrote "
+                                         "them", ["model"], registry=r)
+        self.large_share = Gauge("collab_decode_large_share", "Fraction of all output tokens so far written by "
+                                 "the large model", registry=r)
+        self.request_large_share = Histogram("collab_decode_request_large_share", "Large share per finished "
+                                             "request", buckets=_SHARE_BUCKETS, registry=r)
+        self.in_flight = Gauge("collab_decode_requests_in_flight", "Requests admitted and not yet finished "
+                               "(bounded by --max-queue)", registry=r)
+        self.waiting = Gauge("collab_decode_requests_waiting", "Requests queued in the engine's scheduler", registry=r)
+        self.running = Gauge("collab_decode_requests_running", "Requests the engine is decoding", registry=r)
+        self.kv_blocks_used = Gauge("collab_decode_kv_blocks_used", "KV-cache blocks in use", ["pool"], registry=r)
+        self.kv_blocks_total = Gauge("collab_decode_kv_blocks_total", "KV-cache blocks in the pool", ["pool"],
+                                     registry=r)
+        self.ttft = Histogram("collab_decode_time_to_first_token_seconds", "Arrival to first output token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("collab_decode_request_latency_seconds", "Arrival to last output token of "
+                             "finished requests", buckets=_LATENCY_BUCKETS, registry=r)
+        self.step_seconds = Histogram("collab_decode_engine_step_seconds", "Duration of one engine step",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self._num_small = self._num_large = 0
+
+    def count_tokens(self, provenance: list[str]) -> None:
+        """Count a delta's output tokens by model and update the overall large share."""
+        num_large = sum(1 for p in provenance if p == "large")
+        num_small = len(provenance) - num_large
+        if num_small:
+            self.generation_tokens.labels("small").inc(num_small)
+        if num_large:
+            self.generation_tokens.labels("large").inc(num_large)
+        self._num_small += num_small
+        self._num_large += num_large
+        total = self._num_small + self._num_large
+        if total:
+            self.large_share.set(self._num_large / total)
+
+    def set_engine_state(self, engine) -> None:
+        """Queue depth and KV use; engine thread only (reads the engine)."""
+        self.waiting.set(len(engine.scheduler.waiting))
+        self.running.set(len(engine.scheduler.running))
+        for pool, manager in engine.kv.items():
+            self.kv_blocks_used.labels(pool).set(manager.num_used_blocks)
+            self.kv_blocks_total.labels(pool).set(manager.pool.num_blocks)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,186 @@
+"""OpenAI-compatible request schemas (strictly typed: "5" is not a number) and response pieces.
+
+Standard fields follow OpenAI's API; extensions (vLLM's where one exists):
+  routing            "entropy:0.6" or {"policy": "entropy", "threshold": 0.6} (speculative: "k"; neural: "path")
+  return_provenance  true: each choice also carries `token_ids` and `provenance` ("small"/"large" per token)
+  top_k, ignore_eos, stop_token_ids
+`usage` gains small_tokens, large_tokens, large_share and large_calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from collab_decode.sampling import SamplingParams
+from collab_decode.serve.async_engine import Delta
+from collab_decode.serve.requests import InvalidRequest
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False  # one last chunk with empty choices and the usage
+
+
+class _GenerationRequest(_Strict):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None  # None: 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    user: str | None = None
+    # accepted only at their neutral values
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # extensions
+    routing: str | dict[str, Any] | None = None
+    return_provenance: bool = False
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    def check_supported(self) -> None:
+        if self.n not in (None, 1):
+            raise InvalidRequest(f"n must be 1 (got {self.n}): send one request per completion", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise InvalidRequest(f"{name} is not supported by this server", param=name)
+        if self.logit_bias:
+            raise InvalidRequest("logit_bias is not supported by this server", param="logit_bias")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=self.seed,
+            stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+            logprobs=logprobs)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None  # chosen token + the top n alternatives (n <= 20)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise InvalidRequest("echo is not supported by this server", param="echo")
+        if self.best_of not in (None, 1):
+            raise InvalidRequest("best_of must be 1 on this server", param="best_of")
+        if self.suffix:
+            raise InvalidRequest("suffix is not supported by this server", param="suffix")
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt (text or token ids); a batch of several is refused."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise InvalidRequest(f"send one prompt per request (got {len(prompt)})", param="prompt")
+            prompt = prompt[0]
+        return prompt
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # newer name for max_tokens; wins when both are given
+    logprobs: bool = False
+    top_logprobs: int | None = None  # alternatives per token (needs logprobs: true)
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise InvalidRequest("tools are not supported by this server", param="tools")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise InvalidRequest("response_format other than text is not supported", param="response_format")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def usage(deltas: list[Delta]) -> dict:
+    """OpenAI usage plus how many tokens each model wrote."""
+    last = deltas[-1]
+    num_output = sum(len(d.token_ids) for d in deltas)
+    stats = last.stats
+    return {"prompt_tokens": last.num_prompt_tokens, "completion_tokens": num_output,
+            "total_tokens": last.num_prompt_tokens + num_output, "small_tokens": stats["small_tokens"],
+            "large_tokens": stats["large_tokens"], "large_share": stats["large_share"],
+            "large_calls": stats["large_calls"]}
+
+
+def completion_logprobs(tokenizer, deltas: list[Delta], text_offset: int = 0) -> dict:
+    """The /v1/completions `logprobs` object for these deltas' tokens."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for d in deltas:
+        for i, token_id in enumerate(d.token_ids):
+            piece = _piece(tokenizer, token_id)
+            offsets.append(text_offset)
+            text_offset += len(piece)
+            tokens.append(piece)
+            token_logprobs.append(d.logprobs[i] if i < len(d.logprobs) else None)
+            if i < len(d.top_logprobs):
+                top.append({_piece(tokenizer, t): lp for t, lp in d.top_logprobs[i]})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top or None, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, deltas: list[Delta]) -> dict:
+    """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    content = []
+    for d in deltas:
+        for i, token_id in enumerate(d.token_ids):
+            alternatives = d.top_logprobs[i] if i < len(d.top_logprobs) else []
+            content.append({**_token_entry(tokenizer, token_id, d.logprobs[i] if i < len(d.logprobs) else None),
+                            "top_logprobs": [_token_entry(tokenizer, t, lp) for t, lp in alternatives]})
+    return {"content": content}
+
+
+def provenance_fields(deltas: list[Delta]) -> dict:
+    return {"token_ids": [t for d in deltas for t in d.token_ids],
+            "provenance": [p for d in deltas for p in d.provenance]}
+
+
+def _token_entry(tokenizer, token_id: int, logprob: float | None) -> dict:
+    piece = _piece(tokenizer, token_id)
+    return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
+
+
+def _piece(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])

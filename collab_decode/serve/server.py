@@ -1,0 +1,112 @@
+"""One process serving REST (uvicorn) and gRPC (grpc.aio) on one event loop over one engine thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Callable
+
+import uvicorn
+
+from collab_decode.serve.async_engine import AsyncEngine
+from collab_decode.serve.grpc_server import CollabDecodeService, start_grpc_server
+from collab_decode.serve.openai_api import create_app
+from collab_decode.serve.requests import ServedModel
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"  # interface both servers listen on
+    port: int = 8000  # REST port; 0 = any free port
+    grpc_port: int = 50051  # gRPC port; 0 = any free port
+    api_key: str | None = None  # when set, every /v1 and gRPC generation call must send it
+    max_queue: int = 256  # most requests in flight (queued + running) before 429 / RESOURCE_EXHAUSTED
+    log_level: str = "info"  # uvicorn's access and error logs
+    shutdown_timeout_s: float = 5.0  # how long a shutdown waits for open connections
+
+    def __post_init__(self):
+        for name in ("port", "grpc_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty (leave it unset for no key)")
+
+
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield  # Server.run_until_signal handles signals for both servers
+
+
+class Server:
+    """Both APIs over one AsyncEngine. `await start()`, then `await stop()` (or `run_until_signal()`)."""
+
+    def __init__(self, engine, model: ServedModel, config: ServeConfig | None = None):
+        self.config = config or ServeConfig()
+        self.model = model
+        self.engine = AsyncEngine(engine, self.config.max_queue)
+        self.port: int | None = None  # bound REST port, once started
+        self.grpc_port: int | None = None  # bound gRPC port, once started
+        self._grpc = None
+        self._uvicorn: _Uvicorn | None = None
+        self._uvicorn_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.engine.start()
+        tokenizer = copy.deepcopy(self.engine.engine.tokenizer)  # the loop's own: the engine thread decodes too
+        sock = _listen(cfg.host, cfg.port)
+        self.port = sock.getsockname()[1]
+        app = create_app(self.engine, self.model, tokenizer, cfg.api_key)
+        service = CollabDecodeService(self.engine, self.model, tokenizer, cfg.api_key)
+        self._grpc, self.grpc_port = await start_grpc_server(service, cfg.host, cfg.grpc_port)
+        self._uvicorn = _Uvicorn(uvicorn.Config(app, log_level=cfg.log_level, lifespan="off",
+                                                timeout_graceful_shutdown=cfg.shutdown_timeout_s))
+        self._uvicorn_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+        while not self._uvicorn.started:
+            if self._uvicorn_task.done():
+                self._uvicorn_task.result()
+                raise RuntimeError("the REST server stopped while starting")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+            await self._uvicorn_task
+        if self._grpc is not None:
+            await self._grpc.stop(grace=self.config.shutdown_timeout_s)
+        await self.engine.stop()
+
+    async def run_until_signal(self, announce: Callable[["Server"], None] | None = None) -> None:
+        """Serve until SIGINT or SIGTERM, then shut down gracefully; `announce(self)` once listening."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            if announce is not None:
+                announce(self)
+            await stop.wait()
+        finally:
+            await self.stop()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound socket for the REST server (bind errors surface here, not inside uvicorn)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} for REST: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock

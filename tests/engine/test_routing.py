@@ -1,0 +1,131 @@
+"""Routing policies: parsing, the neural router's feature path, step ownership, speculative sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from collab_decode.routing import parse_policy
+from collab_decode.routing.neural import RouterMLP, save_router
+from collab_decode.sampling import SamplingParams
+from tests.utils import make_engine, make_pair
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def engine(pair):
+    return make_engine(*pair)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("entropy", "needs an argument"), ("entropy:abc", "bad argument"), ("entropy:-1", "t >= 0"),
+    ("random:1.5", "0 <= p <= 1"), ("confidence:2", "0 <= t <= 1"), ("speculative:0", "1 <= k"),
+    ("large:3", "takes no argument"), ("oracle:1", "unknown routing policy"), ("", "non-empty"),
+    ("neural:/does/not/exist", "not a router checkpoint"),
+])
+def test_bad_policy_strings_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_policy(spec)
+
+
+def test_neural_router_sees_hidden_embedding_and_top_logits(engine, pair, tmp_path):
+    """The policy's decisions equal the router applied to features computed independently with transformers."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    hidden_size = engine.backends["small"].config.hidden_size
+    router = RouterMLP(hidden_size, top_k=8, width=16)
+    save_router(tmp_path / "router", router, {"hidden_size": hidden_size, "top_k": 8, "width": 16, "num_layers": 2,
+                                               "threshold": 0.5})
+    prompt = [5, 17, 42, 8, 100, 3]
+    # threshold = the median score along the greedy path, so some tokens route and some do not
+    hf = AutoModelForCausalLM.from_pretrained(str(pair[0])).eval()
+    small_only = engine.generate([prompt], GREEDY, "small")[0].token_ids
+    with torch.no_grad():
+        out = hf(torch.tensor([prompt + small_only]), output_hidden_states=True)
+        hidden, logits = out.hidden_states[-1][0], out.logits[0]
+        positions = range(len(prompt) - 1, len(prompt) + len(small_only) - 1)
+        proposed = torch.tensor(small_only)
+        feats = router.features(hidden[list(positions)], hf.get_input_embeddings()(proposed), logits[list(positions)])
+        scores = torch.sigmoid(router(feats))
+    threshold = float(scores.median())
+    result = engine.generate([prompt], GREEDY, f"neural:{tmp_path / 'router'}:{threshold}")[0]
+    expected_first_route = int((scores > threshold).nonzero()[0])  # the path is the small model's until then
+    first_large = result.provenance.index("large")
+    assert first_large == expected_first_route
+    assert result.provenance[:first_large] == ["small"] * first_large
+
+
+def test_neural_router_for_another_pair_is_refused(engine, tmp_path):
+    save_router(tmp_path / "r", RouterMLP(7, top_k=4, width=8), {"hidden_size": 7, "top_k": 4, "width": 8,
+                                                                  "num_layers": 2})
+    with pytest.raises(ValueError, match="trained for another pair"):
+        engine.add_request([1, 2, 3], GREEDY, f"neural:{tmp_path / 'r'}")
+
+
+def test_step_entropy_extremes_equal_the_models_alone(engine):
+    prompt = [9, 8, 7, 6]
+    assert engine.generate([prompt], GREEDY, "step-entropy:0")[0].token_ids == \
+        engine.generate([prompt], GREEDY, "large")[0].token_ids
+    assert engine.generate([prompt], GREEDY, "step-entropy:1000")[0].token_ids == \
+        engine.generate([prompt], GREEDY, "small")[0].token_ids
+
+
+def test_step_entropy_gives_each_step_one_owner():
+    """On the demo pair (whose outputs have '\\n\\n'-delimited steps), provenance is constant inside a step."""
+    from collab_decode.demo import checkpoint_dir
+    from collab_decode.demo.task import problems
+    from collab_decode.demo.tokenizer import chat_prompt
+
+    engine = make_engine(checkpoint_dir("small"), checkpoint_dir("large"))
+    prompts = [chat_prompt(p.question) for p in problems("heldout", 3)]
+    tok = engine.tokenizer
+    owners_per_threshold = []
+    for threshold in (0.3, 0.7, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 2.0):
+        results = engine.generate(prompts, SamplingParams(max_tokens=120, temperature=0.0),
+                                  f"step-entropy:{threshold}")
+        owners = set()
+        for r in results:
+            text, step_owner = "", None
+            for token, source in zip(r.token_ids, r.provenance):
+                step_owner = step_owner or source
+                owners.add(source)
+                assert source == step_owner, f"a step mixes owners: {text!r}"
+                text += tok.decode([token], skip_special_tokens=True)
+                if text.endswith("\n\n"):
+                    step_owner = None
+        owners_per_threshold.append(owners)
+    assert {"small", "large"} in owners_per_threshold  # some threshold splits steps between the models
+
+
+def test_speculative_sampling_keeps_the_large_models_distribution(engine, pair):
+    """First output token under speculative:1 (a small draft, accepted or resampled) ~ the large model's top-5."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = [11, 22, 33, 44]
+    temperature = 0.1  # sharpens the tiny random models' near-uniform distributions so p and q differ
+    sampling = [SamplingParams(max_tokens=2, temperature=temperature, top_k=5, seed=s, ignore_eos=True)
+                for s in range(3000)]
+    large = AutoModelForCausalLM.from_pretrained(str(pair[1])).eval()
+    small = AutoModelForCausalLM.from_pretrained(str(pair[0])).eval()
+    with torch.no_grad():
+        p = torch.softmax(large(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+        q = torch.softmax(small(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+    top = p.topk(5)
+    target = top.values / top.values.sum()
+    q_top = q[top.indices] / q[top.indices].sum()
+    assert (target - q_top).abs().max() > 0.1  # the draft distribution differs: acceptance matters
+    results = engine.generate([prompt] * len(sampling), sampling, "speculative:1")
+    firsts = torch.tensor([r.token_ids[0] for r in results])
+    counts = torch.stack([(firsts == t).sum() for t in top.indices]).float()
+    assert counts.sum() == len(sampling)  # nothing outside the large model's top-5
+    expected = target * len(sampling)
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5, (counts, expected)  # 4 dof: p = 0.0004
+    assert any(r.provenance[0] == "small" for r in results) and any(r.provenance[0] == "large" for r in results)

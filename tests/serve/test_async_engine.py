@@ -1,0 +1,111 @@
+"""AsyncEngine without a network: errors reach the caller and never stop the engine thread; the queue
+bound; a failed step fails only the requests in flight; dropped streams are aborted."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import pytest
+
+from collab_decode.sampling import SamplingParams
+from collab_decode.serve.async_engine import AsyncEngine, EngineBusy, EngineStopped
+from tests.serve.conftest import PROMPT, demo_engine
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+LONG = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return demo_engine()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(engine):
+    return engine.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+
+
+def run(engine, body, max_queue: int = 8):
+    """Run `body(async_engine)` on a fresh AsyncEngine over `engine`; check every block is free after."""
+    async def main():
+        async_engine = AsyncEngine(engine, max_queue)
+        async_engine.start()
+        try:
+            return await asyncio.wait_for(body(async_engine), timeout=120)
+        finally:
+            await async_engine.stop()
+
+    result = asyncio.run(main())
+    assert not engine.has_unfinished()
+    assert all(kv.num_used_blocks == 0 for kv in engine.kv.values())
+    return result
+
+
+def test_stream_equals_generate_and_errors_do_not_stop_the_thread(engine, prompt_ids):
+    want = engine.generate([prompt_ids], GREEDY, "entropy:0.6")[0]
+
+    async def body(ae):
+        for bad in ([], prompt_ids * 100):
+            with pytest.raises(ValueError):
+                await ae.add_request(bad, GREEDY)
+        with pytest.raises(ValueError, match="unknown routing policy"):
+            await ae.add_request(prompt_ids, GREEDY, "oracle")
+        stream = await ae.add_request(prompt_ids, GREEDY, "entropy:0.6")
+        deltas = await stream.collect()
+        assert ae.num_in_flight == 0
+        return deltas
+
+    deltas = run(engine, body)
+    assert "".join(d.text for d in deltas) == want.text
+    assert [p for d in deltas for p in d.provenance] == want.provenance
+    assert deltas[-1].finished and deltas[-1].stats["large_tokens"] == want.stats["large_tokens"]
+
+
+def test_queue_bound(engine, prompt_ids):
+    async def body(ae):
+        first = await ae.add_request(prompt_ids, LONG)
+        with pytest.raises(EngineBusy, match="capacity"):
+            await ae.add_request(prompt_ids, GREEDY)
+        await first.__anext__()
+        first.abort()
+        again = await ae.add_request(prompt_ids, GREEDY)
+        assert (await again.collect())[-1].finished
+
+    run(engine, body, max_queue=1)
+
+
+def test_failed_step_fails_requests_in_flight_only(engine, prompt_ids, monkeypatch):
+    real_step = engine.step
+    calls = {"n": 0}
+
+    def flaky_step():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", flaky_step)
+
+    async def body(ae):
+        stream = await ae.add_request(prompt_ids, LONG)
+        with pytest.raises(EngineStopped, match="boom"):
+            await stream.collect()
+        assert (await (await ae.add_request(prompt_ids, GREEDY)).collect())[-1].finished
+
+    run(engine, body)
+
+
+def test_dropped_stream_is_aborted(engine, prompt_ids):
+    async def body(ae):
+        stream = await ae.add_request(prompt_ids, LONG)
+        await stream.__anext__()
+        del stream
+        gc.collect()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if ae.num_in_flight == 0:
+                break
+        assert ae.num_in_flight == 0
+
+    run(engine, body)
