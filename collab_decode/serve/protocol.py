@@ -60,6 +60,8 @@ class _GenerationRequest(_Strict):
             raise InvalidRequest("logit_bias is not supported by this server", param="logit_bias")
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:
+            raise InvalidRequest(f"seed must be in [-2**63, 2**64), got {self.seed}", param="seed")
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,

@@ -36,6 +36,8 @@ BAD_COMPLETIONS = {
     "n > 1": ({**GOOD, "n": 2}, "n"),
     "top_p out of range": ({**GOOD, "top_p": 0}, "top_p"),
     "logprobs too many": ({**GOOD, "logprobs": 50}, "logprobs"),
+    "seed out of range": ({**GOOD, "seed": 2**70}, "seed"),
+    "stop wrong type": ({**GOOD, "stop": [1, 2]}, "stop"),
 }
 
 

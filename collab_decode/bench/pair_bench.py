@@ -1,0 +1,141 @@
+"""Demo-pair benchmark: accuracy against large share per routing policy, and decode speed at batch 1.
+
+Accuracy (greedy, held-out problems): the entropy threshold whose large share is closest to
+`--target-share` is found on a calibration slice (validation problems, apart from the reported ones);
+then `entropy` at that threshold, `random` at the share entropy actually reached, and `step-entropy`
+over a threshold sweep run on the reported problems, with `small` and `large` alone for reference.
+Speed (batch 1, same engine, same run): output tokens/s of small, large, entropy, speculative:4, and
+the engine's own time per step outside the two models' forwards.
+
+    python -m collab_decode.bench.pair_bench [--num-problems 200] [--out bench_results/pair]
+Writes pair_bench.json, pair_bench.md and pair_bench.png (accuracy vs large share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from collab_decode.demo.evaluate import evaluate
+from collab_decode.demo.tokenizer import chat_prompt
+from collab_decode.sampling import SamplingParams
+
+CALIBRATION_OFFSET = 600_000  # held-out indices used to pick thresholds, apart from the reported [0, n)
+ENTROPY_SWEEP = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+STEP_SWEEP = (0.3, 0.6, 0.9, 1.1, 1.3, 1.6)
+
+
+def calibrate_entropy(engine, target: float, num: int) -> tuple[float, list[dict]]:
+    rows = [_summary(evaluate(engine, num, CALIBRATION_OFFSET, f"entropy:{t}", progress=False)) for t in ENTROPY_SWEEP]
+    best = min(rows, key=lambda r: abs(r["large_share"] - target))
+    return float(best["policy"].split(":")[1]), rows
+
+
+def _summary(report: dict) -> dict:
+    return {k: report[k] for k in ("policy", "accuracy", "large_share", "num_problems", "tokens_per_s")}
+
+
+def accuracy_table(engine, num: int, target: float, num_calibration: int) -> dict:
+    threshold, calibration = calibrate_entropy(engine, target, num_calibration)
+    print(f"calibrated entropy threshold for ~{target:.0%} large share: {threshold}", flush=True)
+    rows = []
+    for policy in ["small", "large", f"entropy:{threshold}"]:
+        rows.append(_summary(evaluate(engine, num, 0, policy, progress=False)))
+        print(rows[-1], flush=True)
+    rows.append(_summary(evaluate(engine, num, 0, f"random:{rows[-1]['large_share']:.4f}", progress=False)))
+    print(rows[-1], flush=True)
+    for t in STEP_SWEEP:
+        rows.append(_summary(evaluate(engine, num, 0, f"step-entropy:{t}", progress=False)))
+        print(rows[-1], flush=True)
+    return {"entropy_threshold": threshold, "calibration": calibration, "rows": rows}
+
+
+def speed_table(engine, num_prompts: int, policies: list[str]) -> list[dict]:
+    from collab_decode.demo.task import problems
+
+    prompts = [engine.tokenizer(chat_prompt(p.question), add_special_tokens=False)["input_ids"]
+               for p in problems("heldout", num_prompts)]
+    sampling = SamplingParams(max_tokens=300, temperature=0.0)
+    engine.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0.0), policies[0])  # warm up
+    rows = []
+    for policy in policies:
+        num_tokens, seconds, step_total, step_forward, num_steps = 0, 0.0, 0.0, 0.0, 0
+        for prompt in prompts:  # batch 1
+            engine.add_request(prompt, sampling, policy)
+            start = time.perf_counter()
+            while engine.has_unfinished():
+                for out in engine.step():
+                    num_tokens += len(out.new_token_ids)
+                s = engine.last_step
+                step_total, step_forward, num_steps = step_total + s.total, step_forward + s.small_forward + s.large_forward, num_steps + 1
+            seconds += time.perf_counter() - start
+        rows.append({"policy": policy, "tokens_per_s": round(num_tokens / seconds, 1),
+                     "ms_per_step": round(1000 * step_total / num_steps, 3),
+                     "engine_overhead_ms_per_step": round(1000 * (step_total - step_forward) / num_steps, 3)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def plot(acc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    groups: dict[str, list[dict]] = {}
+    for row in acc["rows"]:
+        groups.setdefault(row["policy"].split(":")[0], []).append(row)
+    for name, rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["large_share"])
+        ax.plot([r["large_share"] for r in rows], [r["accuracy"] for r in rows], "o-" if len(rows) > 1 else "o",
+                label=name)
+    ax.set_xlabel("large share (fraction of output tokens from the large model)")
+    ax.set_ylabel("accuracy (held-out, greedy)")
+    ax.set_title("demo pair: accuracy vs large share")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown(acc: dict, speed: list[dict]) -> str:
+    lines = ["| policy | accuracy | large share |", "|---|---|---|"]
+    lines += [f"| {r['policy']} | {r['accuracy']:.1%} | {r['large_share']:.1%} |" for r in acc["rows"]]
+    lines += ["", "| policy (batch 1) | tokens/s | ms/step | engine overhead ms/step |", "|---|---|---|---|"]
+    lines += [f"| {r['policy']} | {r['tokens_per_s']} | {r['ms_per_step']} | {r['engine_overhead_ms_per_step']} |"
+              for r in speed]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from collab_decode.demo import checkpoint_dir
+    from collab_decode.engine.loading import build_engine
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-problems", type=int, default=200)
+    parser.add_argument("--num-calibration", type=int, default=50)
+    parser.add_argument("--target-share", type=float, default=0.15)
+    parser.add_argument("--num-speed-prompts", type=int, default=5)
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--out", default="bench_results/pair")
+    args = parser.parse_args(argv)
+    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    acc = {"rows": [], "entropy_threshold": 0.3} if args.skip_accuracy else \
+        accuracy_table(engine, args.num_problems, args.target_share, args.num_calibration)
+    speed = speed_table(engine, args.num_speed_prompts,
+                        ["small", "large", f"entropy:{acc['entropy_threshold']}", "speculative:4"])
+    (out / "pair_bench.json").write_text(json.dumps({"accuracy": acc, "speed": speed}, indent=2))
+    (out / "pair_bench.md").write_text(markdown(acc, speed))
+    if acc["rows"]:
+        plot(acc, out / "pair_bench.png")
+    print(markdown(acc, speed))
+    print(f"wrote {out}/pair_bench.json, .md" + (", .png" if acc["rows"] else ""))
+
+
+if __name__ == "__main__":
+    main()
