@@ -6,20 +6,10 @@ import pytest
 import torch
 
 from collab_decode.sampling import SamplingParams
-from tests.utils import make_engine, make_pair
+from tests.utils import make_engine
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 17, 42, 8], [100, 3], [7, 7, 7, 7, 7, 7, 7, 7, 9, 11, 13], [250, 251, 252, 1, 2, 3, 60]]
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return make_pair(tmp_path_factory.mktemp("pair"))
-
-
-@pytest.fixture(scope="module")
-def engine(pair):
-    return make_engine(*pair)
 
 
 @pytest.fixture(scope="module")

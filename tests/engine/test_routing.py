@@ -8,19 +8,9 @@ import torch
 from collab_decode.routing import parse_policy
 from collab_decode.routing.neural import RouterMLP, save_router
 from collab_decode.sampling import SamplingParams
-from tests.utils import make_engine, make_pair
+from tests.utils import make_engine
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return make_pair(tmp_path_factory.mktemp("pair"))
-
-
-@pytest.fixture(scope="module")
-def engine(pair):
-    return make_engine(*pair)
 
 
 @pytest.mark.parametrize("spec, message", [
