@@ -72,7 +72,8 @@ class Engine:
         policy = parse_policy(routing or self.config.default_policy, self)
         self._validate(prompt_ids, sampling, policy)
         seq = Sequence(next(self._ids), list(prompt_ids), sampling, arrival=time.monotonic_ns(), policy=policy,
-                       policy_state=policy.new_state(), generator=make_generator(sampling.seed))
+                       policy_state=policy.new_state(),
+                       generator=make_generator(sampling.seed, getattr(self.backends[SMALL], "device", "cpu")))
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq.seq_id

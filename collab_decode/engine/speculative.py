@@ -46,21 +46,21 @@ def _draft(engine, seqs: list[Sequence], ks: list[int]) -> tuple[list[int], dict
 def _accept(seq: Sequence, drafts: list[int], q: list[torch.Tensor], p: torch.Tensor) -> list[int]:
     """The committed tokens: the kept drafts, then one token from the large model. p (len(drafts)+1, V)."""
     greedy = seq.sampling.greedy
+    if greedy:  # one-hot p and q: keep drafts while they equal the large model's argmax, then take its token
+        targets = p.argmax(-1).tolist()
+        n = next((i for i, (d, t) in enumerate(zip(drafts, targets)) if d != t), len(drafts))
+        return drafts[:n] + [targets[n]]
     kept: list[int] = []
     for i, token in enumerate(drafts):
-        ratio = p[i, token] / q[i][token].clamp_min(1e-20)
-        u = 0.0 if greedy else float(torch.rand((), generator=seq.generator))
-        if ratio >= 1 or u < ratio:
+        ratio = float(p[i, token] / q[i][token].clamp_min(1e-20))
+        if ratio >= 1 or float(torch.rand((), generator=seq.generator, device=p.device)) < ratio:
             kept.append(token)
             continue
         residual = (p[i] - q[i]).clamp_min(0)
-        if greedy or residual.sum() <= 0:
+        if residual.sum() <= 0:
             return kept + [int(p[i].argmax())]
         return kept + [int(torch.multinomial(residual / residual.sum(), 1, generator=seq.generator))]
-    last = p[len(drafts)]
-    if greedy:
-        return kept + [int(last.argmax())]
-    return kept + [int(torch.multinomial(last, 1, generator=seq.generator))]
+    return kept + [int(torch.multinomial(p[len(drafts)], 1, generator=seq.generator))]
 
 
 def speculative_step(engine, seqs: list[Sequence]) -> list[RequestOutput]:
