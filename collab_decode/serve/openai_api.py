@@ -173,14 +173,16 @@ def _event(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def _completion_events(stream: RequestStream, head: dict, choice, include_usage: bool):
-    deltas, text_offset = [], 0
+async def _events(stream: RequestStream, head: dict, make_choice, include_usage: bool, opening: dict | None = None):
+    """SSE chunks of one request: an optional opening choice, one chunk per delta, usage, [DONE]."""
+    deltas = []
     async with stream:  # leaving early (the client went away: this generator is cancelled) aborts it
         try:
+            if opening is not None:
+                yield _event({**head, "choices": [opening]})
             async for delta in stream:
                 deltas.append(delta)
-                chunk = {**head, "choices": [choice([delta], text_offset)]}
-                text_offset += len(delta.text)
+                chunk = {**head, "choices": [make_choice(delta)]}
                 if delta.finished:
                     chunk["usage"] = protocol.usage(deltas)
                 yield _event(chunk)
@@ -191,26 +193,25 @@ async def _completion_events(stream: RequestStream, head: dict, choice, include_
     yield "data: [DONE]\n\n"
 
 
-async def _chat_events(stream: RequestStream, head: dict, extras, include_usage: bool):
-    head = {**head, "object": "chat.completion.chunk"}
-    deltas = []
-    async with stream:
-        try:
-            yield _event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None}]})
-            async for delta in stream:
-                deltas.append(delta)
-                choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
-                          "finish_reason": delta.finish_reason if delta.finished else None, **extras([delta])}
-                chunk = {**head, "choices": [choice]}
-                if delta.finished:
-                    chunk["usage"] = protocol.usage(deltas)
-                yield _event(chunk)
-        except EngineStopped as e:
-            yield _event(error_body(str(e), "server_error"))
-    if include_usage and deltas:
-        yield _event({**head, "choices": [], "usage": protocol.usage(deltas)})
-    yield "data: [DONE]\n\n"
+def _completion_events(stream: RequestStream, head: dict, choice, include_usage: bool):
+    text_offset = 0
+
+    def make_choice(delta):
+        nonlocal text_offset
+        made = choice([delta], text_offset)
+        text_offset += len(delta.text)
+        return made
+
+    return _events(stream, head, make_choice, include_usage)
+
+
+def _chat_events(stream: RequestStream, head: dict, extras, include_usage: bool):
+    def make_choice(delta):
+        return {"index": 0, "delta": {"content": delta.text} if delta.text else {},
+                "finish_reason": delta.finish_reason if delta.finished else None, **extras([delta])}
+
+    opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    return _events(stream, {**head, "object": "chat.completion.chunk"}, make_choice, include_usage, opening)
 
 
 async def _collect(stream: RequestStream, request: Request) -> list[Delta]:
