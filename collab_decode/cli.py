@@ -34,6 +34,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="native", choices=["native", "transformers"], help="model implementation")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    g.add_argument("--compile", action="store_true",
+                   help="run decode steps through torch.compile (native backend; ~1 minute to compile on first use)")
     e = parser.add_argument_group("engine")
     for cls in (EngineConfig, SchedulerConfig):
         for f in dataclasses.fields(cls):
@@ -58,7 +60,8 @@ def engine_from_args(args: argparse.Namespace, policy_needs_large: bool = True):
     config = EngineConfig(
         block_size=args.block_size, small_kv_bytes=args.small_kv_bytes * MIB, large_kv_bytes=args.large_kv_bytes * MIB,
         default_policy=args.default_policy, step_delimiter=args.step_delimiter, scheduler=scheduler)
-    return build_engine(small, large if policy_needs_large else None, args.backend, args.dtype, args.device, config)
+    return build_engine(small, large if policy_needs_large else None, args.backend, args.dtype, args.device, config,
+                        args.compile)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

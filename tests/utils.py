@@ -77,8 +77,8 @@ def make_pair(tmp_path: Path) -> tuple[Path, Path]:
     return save_tiny_lm(tmp_path / "small", seed=1, hidden=32), save_tiny_lm(tmp_path / "large", seed=2, hidden=64, layers=3)
 
 
-def make_engine(small: Path, large: Path | None = None, **config):
+def make_engine(small: Path, large: Path | None = None, compile: bool = False, **config):
     from collab_decode.engine.config import EngineConfig
     from collab_decode.engine.loading import build_engine
 
-    return build_engine(small, large, config=EngineConfig(**config))
+    return build_engine(small, large, config=EngineConfig(**config), compile=compile)

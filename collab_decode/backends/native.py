@@ -20,8 +20,12 @@ from collab_decode.models.rope import RotaryEmbedding
 class NativeBackend:
     """Weights, K/V storage and the forward of one model."""
 
-    def __init__(self, model: LlamaForCausalLM):
+    def __init__(self, model: LlamaForCausalLM, compile: bool = False):
         self.model = model
+        # torch.compile fuses the many small ops that dominate a small model's decode step on a CPU.
+        # Only decode-only batches (the bulk of generation) take the compiled path, so its graph sees one
+        # metadata layout; batches with prefill chunks run eagerly. The first calls compile (~1 minute).
+        self._compiled = torch.compile(model.forward, dynamic=True) if compile else None
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -31,8 +35,9 @@ class NativeBackend:
         self.cache: KVCache | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu") -> "NativeBackend":
-        return cls(load_model(path, resolve_dtype(dtype), device))
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu",
+                        compile: bool = False) -> "NativeBackend":
+        return cls(load_model(path, resolve_dtype(dtype), device), compile)
 
     def kv_bytes_per_token(self) -> int:
         c = self.config
@@ -55,7 +60,8 @@ class NativeBackend:
         input_ids, positions, meta, last_idx, seq_lens = self.prepare_inputs(batch)
         chunk_lens = [len(c.token_ids) for c in batch.chunks]
         cos, sin = self.rope.cos_sin(positions, seq_lens, chunk_lens)
-        hidden = self.model(input_ids, cos, sin, self.cache, meta)  # (T, hidden)
+        run = self._compiled if self._compiled is not None and meta.only_decodes else self.model
+        hidden = run(input_ids, cos, sin, self.cache, meta)  # (T, hidden)
         last_hidden = hidden[last_idx]  # (B, hidden)
         out = ModelOutput(logits=self.model.logits(last_hidden).float(), hidden=last_hidden)
         start = 0
@@ -114,6 +120,7 @@ class NativeBackend:
                                  decode_block_tables=None, decode_mask=None, prefills=prefills)
         if decode_rows:
             self._prepare_decode(meta, decode_rows, decode_tables, decode_lens)
+            meta.only_decodes = not prefills
         device = self.device
         return (torch.tensor(ids, dtype=torch.int64, device=device), torch.tensor(positions, device=device), meta,
                 torch.tensor(last_idx, dtype=torch.int64, device=device), seq_lens)
@@ -122,8 +129,11 @@ class NativeBackend:
                         seq_lens: list[int]) -> None:
         max_blocks = max(len(t) for t in tables)
         padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int64)
-        key_pos = torch.arange(max_blocks * self.cache.block_size)
-        mask = key_pos[None, :] < torch.tensor(seq_lens)[:, None]  # (Bd, L)
         meta.decode_token_idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
         meta.decode_block_tables = padded.to(self.device)
+        if min(seq_lens) == max(seq_lens):
+            meta.decode_len = seq_lens[0]
+            return
+        key_pos = torch.arange(max_blocks * self.cache.block_size)
+        mask = key_pos[None, :] < torch.tensor(seq_lens)[:, None]  # (Bd, L)
         meta.decode_mask = mask[:, None, None, :].to(self.device)

@@ -1,6 +1,7 @@
 """Engine benchmark: our native engine against transformers `generate` (with its KV cache) on the same model.
 
-For each model size (built in code, random init, Llama architecture) and batch size, both run the same
+Our engine runs twice: eager, and with decode steps through torch.compile (`--compile`).
+For each model size (built in code, random init, Llama architecture) and batch size, all run the same
 greedy decode of `max_tokens` new tokens from the same prompts, alternating, best of `repeats`. Reports
 decode tokens/s (output tokens / wall time, prefill included) and the ratios, measured side by side in
 this one run. Prints a table and writes JSON.
@@ -78,31 +79,38 @@ def run(sizes: list[str], batch_sizes: list[int], prompt_len: int, max_tokens: i
     for size in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             hf_model = build_model(size, Path(tmp))
-            backend = NativeBackend.from_pretrained(tmp)
-            engine = Engine(backend, _IdTokenizer(backend.vocab_size), EngineConfig(small_kv_bytes=512 << 20))
+            engines = {}
+            for mode, compile in (("native", False), ("native_compiled", True)):
+                backend = NativeBackend.from_pretrained(tmp, compile=compile)
+                engines[mode] = Engine(backend, _IdTokenizer(backend.vocab_size), EngineConfig(small_kv_bytes=512 << 20))
             num_params = sum(p.numel() for p in hf_model.parameters())
             for batch in batch_sizes:
                 prompts = torch.randint(1, 512, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
-                time_native(engine, prompts[:, :8], 4)  # warm up both
-                time_hf(hf_model, prompts[:, :8], 4)
-                hf_s, native_s = [], []
-                for _ in range(repeats):
-                    hf_s.append(time_hf(hf_model, prompts, max_tokens))
-                    native_s.append(time_native(engine, prompts, max_tokens))
+                time_hf(hf_model, prompts[:, :8], 4)  # warm up (and compile)
+                for engine in engines.values():
+                    time_native(engine, prompts, 8)
+                times = {"hf": [], **{mode: [] for mode in engines}}
+                for _ in range(repeats):  # alternate, so a busy moment hits every contender
+                    times["hf"].append(time_hf(hf_model, prompts, max_tokens))
+                    for mode, engine in engines.items():
+                        times[mode].append(time_native(engine, prompts, max_tokens))
                 row = {"size": size, "num_params": num_params, "batch": batch, "prompt_len": prompt_len,
-                       "max_tokens": max_tokens, "threads": torch.get_num_threads(),
-                       "hf_tokens_per_s": round(batch * max_tokens / min(hf_s), 1),
-                       "native_tokens_per_s": round(batch * max_tokens / min(native_s), 1)}
-                row["native_over_hf"] = round(row["native_tokens_per_s"] / row["hf_tokens_per_s"], 2)
+                       "max_tokens": max_tokens, "threads": torch.get_num_threads()}
+                for mode, seconds in times.items():
+                    row[f"{mode}_tokens_per_s"] = round(batch * max_tokens / min(seconds), 1)
+                for mode in engines:
+                    row[f"{mode}_over_hf"] = round(row[f"{mode}_tokens_per_s"] / row["hf_tokens_per_s"], 2)
                 rows.append(row)
-                print(f"{size:>4} ({num_params / 1e6:.1f}M) batch {batch:>2}: native {row['native_tokens_per_s']:8.1f} tok/s"
-                      f"  transformers {row['hf_tokens_per_s']:8.1f} tok/s  ratio {row['native_over_hf']:.2f}x", flush=True)
+                print(f"{size:>4} ({num_params / 1e6:.1f}M) batch {batch:>2}: transformers {row['hf_tokens_per_s']:8.1f} tok/s"
+                      + "".join(f"  {m} {row[f'{m}_tokens_per_s']:8.1f} tok/s ({row[f'{m}_over_hf']:.2f}x)" for m in engines),
+                      flush=True)
     for size in sizes:
         by_batch = {r["batch"]: r for r in rows if r["size"] == size}
         if 1 in by_batch and len(by_batch) > 1:
             top = max(by_batch)
-            scale = by_batch[top]["native_tokens_per_s"] / by_batch[1]["native_tokens_per_s"]
-            print(f"{size}: native batch-{top} aggregate / batch-1 = {scale:.2f}x")
+            for mode in ("native", "native_compiled"):
+                scale = by_batch[top][f"{mode}_tokens_per_s"] / by_batch[1][f"{mode}_tokens_per_s"]
+                print(f"{size}: {mode} batch-{top} aggregate / batch-1 = {scale:.2f}x")
     return rows
 
 

@@ -10,12 +10,14 @@ from collab_decode.engine.engine import Engine
 BACKENDS = ("native", "transformers")
 
 
-def load_backend(path: str | Path, backend: str = "native", dtype: str = "float32", device: str = "cpu"):
-    """A backend for the model in `path`: `native` (our Llama family) or `transformers` (any causal LM)."""
+def load_backend(path: str | Path, backend: str = "native", dtype: str = "float32", device: str = "cpu",
+                 compile: bool = False):
+    """A backend for the model in `path`: `native` (our Llama family) or `transformers` (any causal LM).
+    `compile` (native only) runs decode steps through torch.compile."""
     if backend == "native":
         from collab_decode.backends.native import NativeBackend
 
-        return NativeBackend.from_pretrained(path, dtype, device)
+        return NativeBackend.from_pretrained(path, dtype, device, compile)
     if backend == "transformers":
         from collab_decode.backends.hf import TransformersBackend
 
@@ -56,11 +58,11 @@ def resolve_pair(pair: str | None, small: str | None, large: str | None) -> tupl
 
 
 def build_engine(small: str | Path, large: str | Path | None = None, backend: str = "native", dtype: str = "float32",
-                 device: str = "cpu", config: EngineConfig | None = None) -> Engine:
+                 device: str = "cpu", config: EngineConfig | None = None, compile: bool = False) -> Engine:
     """Check the pair's tokenizers before any weights load, then load both backends."""
     tokenizer = load_tokenizer(small)
     if large is not None:
         check_same_tokenizer(tokenizer, load_tokenizer(large), small, large)
-    small_backend = load_backend(small, backend, dtype, device)
-    large_backend = load_backend(large, backend, dtype, device) if large is not None else None
+    small_backend = load_backend(small, backend, dtype, device, compile)
+    large_backend = load_backend(large, backend, dtype, device, compile) if large is not None else None
     return Engine(small_backend, tokenizer, config, large_backend)

@@ -39,8 +39,11 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) int64 flat cache slot receiving each new token's k/v
     decode_token_idx: torch.Tensor | None  # (Bd,) int64 batch index of each decoding sequence's token
     decode_block_tables: torch.Tensor | None  # (Bd, max_blocks) int64, padded with block 0
-    decode_mask: torch.Tensor | None  # (Bd, 1, 1, max_blocks * block_size) bool: key is in the sequence
+    decode_mask: torch.Tensor | None  # (Bd, 1, 1, max_blocks * block_size) bool: key is in the sequence;
+    #   None when every decoding sequence has the same length (then keys are cut to decode_len instead)
     prefills: list[PrefillChunk]
+    decode_len: int = 0  # the common length of the decoding sequences when decode_mask is None
+    only_decodes: bool = False  # every token of the batch decodes: q needs no reordering
 
 
 class KVCache:
@@ -81,29 +84,37 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, hidden) -> rotated q (T, H, D), rotated k and v (T, Hkv, D)."""
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(torch.cat([q, k], dim=1), cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        return q, k, v
+
+    def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """Write k/v into the paged cache, attend over each sequence's keys: (T, H * D), before o_proj."""
+        num_tokens = q.shape[0]
         flat_shape = (-1, self.num_kv_heads, self.head_dim)
         k_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, v)
         out = q.new_empty(num_tokens, self.num_heads * self.head_dim)
+        if meta.only_decodes:
+            return self._decode(q, k_cache, v_cache, meta)
         if meta.decode_token_idx is not None:
             out[meta.decode_token_idx] = self._decode(q[meta.decode_token_idx], k_cache, v_cache, meta)
         for chunk in meta.prefills:
             out[chunk.start:chunk.end] = self._prefill(q[chunk.start:chunk.end], k_cache, v_cache, chunk)
-        return self.o_proj(out)
+        return out
 
     def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
         # cache (N, bs, Hkv, D), block_tables (B, nb) -> (B, Hkv, nb * bs, D)
         b, nb = block_tables.shape
-        blocks = cache[block_tables]  # (B, nb, bs, Hkv, D)
+        blocks = cache.index_select(0, block_tables.view(-1))  # (B * nb, bs, Hkv, D)
         return blocks.view(b, nb * cache.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
@@ -112,6 +123,8 @@ class Attention(nn.Module):
         q = q.view(b, self.num_kv_heads, self.group, self.head_dim)
         k = self._gather(k_cache, meta.decode_block_tables)
         v = self._gather(v_cache, meta.decode_block_tables)
+        if meta.decode_mask is None:  # equal lengths: cut the keys instead of masking them
+            k, v = k[:, :, :meta.decode_len], v[:, :, :meta.decode_len]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=self.scale)
         return o.reshape(b, self.num_heads * self.head_dim)
 
@@ -150,8 +163,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    # three parts: the cache-free projections, attention over the paged cache, the cache-free rest
     def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+        q, k, v = self.pre_attention(x, cos, sin)
+        return self.post_attention(x, self.self_attn.attend(q, k, v, k_cache, v_cache, meta))
+
+    def pre_attention(self, x, cos, sin):
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def post_attention(self, x, attn):
+        x = x + self.self_attn.o_proj(attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -219,3 +240,4 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+

@@ -131,3 +131,11 @@ def test_bad_requests_are_refused(engine):
     with pytest.raises(ValueError, match="context length"):
         engine.add_request([1, 2], SamplingParams(max_tokens=10**6))
     check_all_free(engine)
+
+
+def test_compiled_decode_path_matches_eager(pair):
+    """--compile: decode-only steps run through torch.compile; greedy output is unchanged."""
+    compiled = make_engine(pair[0], compile=True)
+    eager = make_engine(pair[0])
+    assert [r.token_ids for r in compiled.generate(PROMPTS, GREEDY)] == \
+        [r.token_ids for r in eager.generate(PROMPTS, GREEDY)]
