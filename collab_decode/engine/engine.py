@@ -111,8 +111,8 @@ class Engine:
         plan = self.scheduler.schedule()
         self._release(plan.preempted)
         token_plan, spec_seqs = self._split_speculative(plan)
-        proposals = self._run_small(token_plan)  # seq -> (token, logprob info) for sampled seqs
-        routed = self._route(proposals)
+        proposals, small_view = self._run_small(token_plan)  # seq_id -> proposed token; the small model's view
+        routed = self._route(proposals, small_view)
         self._run_large(routed, proposals)
         outputs = self._commit(proposals)
         if spec_seqs:
@@ -152,44 +152,42 @@ class Engine:
         logits = logits[:, :self.vocab_size]
         return self.sampler.sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
 
-    def _run_small(self, plan: ScheduleOutput) -> dict[int, "Proposal"]:
-        """Small forward over every scheduled chunk; sample proposals where a sequence reached its end."""
+    def _run_small(self, plan: ScheduleOutput) -> tuple[dict[int, "Proposal"], RouterInputs | None]:
+        """Small forward over every scheduled chunk; sample proposals where a sequence reached its end.
+        Also returns what the small model saw at those sequences' last positions, for the policies."""
         proposals: dict[int, Proposal] = {}
         run = [(s, n) for s, n in zip(plan.seqs, plan.num_new_tokens) if n > 0]
         for seq, n in zip(plan.seqs, plan.num_new_tokens):
             if n == 0:
                 proposals[seq.seq_id] = Proposal(seq, routed=True)  # large-owned: no small forward
         if not run:
-            return proposals
+            return proposals, None
         seqs, num_new = [s for s, _ in run], [n for _, n in run]
         out = self._forward(SMALL, seqs, num_new)
         rows = [i for i, s in enumerate(seqs) if s.num_cached[SMALL] == s.num_tokens]
         if not rows:
-            return proposals
+            return proposals, None
         idx = torch.tensor(rows)
         sampled = [seqs[i] for i in rows]
         sample = self._sample(out.logits[idx], sampled)
         for j, seq in enumerate(sampled):
             proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j)
-        self._router_view = (sampled, out.logits[idx, :self.vocab_size], out.hidden[idx], sample.token_ids)
-        return proposals
+        view = RouterInputs(sampled, out.logits[idx, :self.vocab_size], out.hidden[idx], sample.token_ids,
+                            self.backends[SMALL].embed)
+        return proposals, view
 
-    def _route(self, proposals: dict[int, "Proposal"]) -> list[Sequence]:
+    def _route(self, proposals: dict[int, "Proposal"], view: RouterInputs | None) -> list[Sequence]:
         """Ask each policy about its sequences (batched per policy); mark routed proposals."""
-        if any(p.sample is not None and p.seq.policy.uses_large for p in proposals.values()):
-            seqs, logits, hidden, tokens = self._router_view
-            by_policy: dict[int, list[int]] = {}
-            for i, seq in enumerate(seqs):
+        by_policy: dict[int, list[int]] = {}
+        for i, seq in enumerate(view.seqs if view is not None else []):
+            if seq.policy.uses_large:
                 by_policy.setdefault(id(seq.policy), []).append(i)
-            for rows in by_policy.values():
-                policy = seqs[rows[0]].policy
-                if not policy.uses_large:
-                    continue
-                idx = torch.tensor(rows)
-                inputs = RouterInputs([seqs[i] for i in rows], logits[idx], hidden[idx], tokens[idx],
-                                      self.backends[SMALL].embed)
-                for i, routed in zip(rows, policy.decide(inputs).tolist()):
-                    proposals[seqs[i].seq_id].routed = routed
+        for rows in by_policy.values():
+            idx = torch.tensor(rows)
+            inputs = RouterInputs([view.seqs[i] for i in rows], view.logits[idx], view.hidden[idx],
+                                  view.proposed[idx], view.embed)
+            for i, routed in zip(rows, inputs.seqs[0].policy.decide(inputs).tolist()):
+                proposals[view.seqs[i].seq_id].routed = routed
         return [p.seq for p in proposals.values() if p.routed]
 
     def _run_large(self, routed: list[Sequence], proposals: dict[int, "Proposal"]) -> None:
