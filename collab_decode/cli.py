@@ -66,7 +66,8 @@ def engine_from_args(args: argparse.Namespace, policy_needs_large: bool = True):
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=512)
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens to generate (default: what the context leaves after the prompt)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -82,9 +83,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
-    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+    prompt_ids = engine.tokenizer(prompt, add_special_tokens=not args.chat)["input_ids"]
+    max_tokens = args.max_tokens if args.max_tokens is not None else max(1, engine.max_model_len - len(prompt_ids))
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
-    result = engine.generate([prompt], sampling, args.policy)[0]
+    result = engine.generate([prompt_ids], sampling, args.policy)[0]
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "provenance": result.provenance,
                           "finish_reason": result.finish_reason, "stats": result.stats}))

@@ -268,7 +268,7 @@ class Engine:
         routings = routing if isinstance(routing, list) else [routing] * n
         ids = []
         for prompt, s, r in zip(prompts, samplings, routings):
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else prompt
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] if isinstance(prompt, str) else prompt
             ids.append(self.add_request(prompt_ids, s, r))
         results: dict[int, Generation] = {}
         while len(results) < n:

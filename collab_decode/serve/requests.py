@@ -37,8 +37,8 @@ class ServedModel:
 
 
 def text_prompt_ids(tokenizer, text: str) -> list[int]:
-    """Raw text -> token ids, without special tokens (the same as Engine.generate on a string)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Raw text -> token ids with the tokenizer's special tokens (e.g. BOS), as vLLM and Engine.generate do."""
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
