@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from collab_decode.demo.task import make_problem, problems, is_correct, HELDOUT_SEED_BASE
+from collab_decode.demo.task import make_problem
 from collab_decode.demo.tokenizer import EOS, build_tokenizer, chat_prompt
 
 VALIDATION_OFFSET = 500_000  # held-out problems [offset, offset + n) guide training; `demo eval` uses [0, n)
@@ -91,22 +91,17 @@ class PackedStream:
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, split: str, num: int, offset: int = 0, batch_size: int = 50,
-                    max_new_tokens: int = 320) -> float:
-    """Greedy exact-match accuracy with transformers `generate` (used during training only)."""
-    model.eval()
-    tokenizer.padding_side = "left"
-    probs = problems(split, num, offset)
-    num_correct = 0
-    for start in range(0, num, batch_size):
-        chunk = probs[start : start + batch_size]
-        enc = tokenizer([chat_prompt(p.question) for p in chunk], return_tensors="pt", padding=True)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        num_correct += sum(is_correct(t, p.answer) for t, p in zip(texts, chunk))
-    model.train()
-    return num_correct / num
+def greedy_accuracy(model, tokenizer, split: str, num: int, offset: int = 0) -> float:
+    """Greedy exact-match accuracy, run by our own engine on a snapshot of the model (batched, fast)."""
+    from collab_decode.demo.evaluate import evaluate
+    from collab_decode.engine.loading import build_engine
+
+    with tempfile.TemporaryDirectory() as snapshot:
+        _save(model, tokenizer, Path(snapshot))
+        engine = build_engine(snapshot)
+        if split != "heldout":
+            raise ValueError(f"validation uses held-out problems, got split {split!r}")
+        return evaluate(engine, num, offset, progress=False)["accuracy"]
 
 
 def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val: int, eval_every_s: float,
@@ -122,9 +117,11 @@ def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val
         # continue from the saved checkpoint with a fresh schedule (optimizer state is not saved)
         model = LlamaForCausalLM.from_pretrained(str(out_dir / which))
         log_file = out_dir / which / "train_log.json"
-        start_index = json.loads(log_file.read_text()).get("problems_seen", 0) if log_file.is_file() else 0
+        previous = json.loads(log_file.read_text()) if log_file.is_file() else {}
+        start_index = previous.get("problems_seen", 0)
     else:
         model, start_index = LlamaForCausalLM(llama_config(spec, len(tokenizer), tokenizer.eos_token_id)), 0
+        previous = {}
     num_params = sum(p.numel() for p in model.parameters())
     print(f"[{which}] {num_params / 1e6:.2f}M parameters, budget {budget_s / 60:.0f} min", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, betas=(0.9, 0.95), weight_decay=0.1)
@@ -167,6 +164,10 @@ def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val
     log = {"model": which, "spec": asdict(spec), "num_params": num_params, "seed": seed, "steps": step,
            "problems_seen": stream.next_index, "tokens_seen": step * spec.batch_size * spec.seq_len,
            "minutes": round((time.time() - start) / 60, 2), "best_val_accuracy": best, "history": history}
+    # totals over every run that led to this checkpoint (a resumed run continues an earlier one)
+    for key in ("steps", "tokens_seen", "minutes"):
+        log[f"total_{key}"] = round(previous.get(f"total_{key}", previous.get(key, 0)) + log[key], 2)
+    log["runs"] = previous.get("runs", []) + [{k: log[k] for k in ("steps", "tokens_seen", "minutes")}]
     (out_dir / which / "train_log.json").write_text(json.dumps(log, indent=2))
     return log
 
