@@ -23,8 +23,8 @@ from collab_decode.demo.tokenizer import chat_prompt
 from collab_decode.sampling import SamplingParams
 
 CALIBRATION_OFFSET = 600_000  # held-out indices used to pick thresholds, apart from the reported [0, n)
-ENTROPY_SWEEP = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
-STEP_SWEEP = (0.3, 0.6, 0.9, 1.1, 1.3, 1.6)
+ENTROPY_SWEEP = (0.05, 0.1, 0.2, 0.35, 0.5, 0.8)
+STEP_SWEEP = (0.5, 0.9, 1.2, 1.5)
 
 
 def calibrate_entropy(engine, target: float, num: int) -> tuple[float, list[dict]]:
@@ -116,13 +116,14 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-problems", type=int, default=200)
-    parser.add_argument("--num-calibration", type=int, default=50)
+    parser.add_argument("--num-calibration", type=int, default=40)
     parser.add_argument("--target-share", type=float, default=0.15)
     parser.add_argument("--num-speed-prompts", type=int, default=5)
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile decode steps of both models")
     parser.add_argument("--out", default="bench_results/pair")
     args = parser.parse_args(argv)
-    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"))
+    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), compile=args.compile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     acc = {"rows": [], "entropy_threshold": 0.3} if args.skip_accuracy else \

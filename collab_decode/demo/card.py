@@ -12,8 +12,9 @@ import json
 from collab_decode.demo import checkpoint_dir
 
 
-def render(which: str, log: dict, evaluation: dict) -> str:
+def render(which: str, log: dict, evaluation: dict, notes: str = "") -> str:
     spec = log["spec"]
+    steps, tokens, minutes = (log.get(f"total_{k}", log[k]) for k in ("steps", "tokens_seen", "minutes"))
     history = "\n".join(f"| {h['step']} | {h['minutes']} | {h['loss']:.3f} | {h['val_accuracy']:.0%} |"
                         for h in log.get("history", []))
     return f"""# collab-decode demo {which} model
@@ -28,7 +29,7 @@ column by column in text. The demo pair's {which} model; its partner shares the 
 | layers / hidden / MLP | {spec['num_hidden_layers']} / {spec['hidden_size']} / {spec['intermediate_size']} |
 | heads / kv heads / head dim | {spec['num_attention_heads']} / {spec['num_key_value_heads']} / {spec['head_dim']} |
 | tokenizer | byte-level BPE, {evaluation.get('vocab_size', '455')} tokens, one token per digit, chat template |
-| training | {log['steps']} steps of {spec['batch_size']} x {spec['seq_len']} tokens, AdamW lr {spec['learning_rate']}, cosine on wall-clock time; {log['tokens_seen']:,} tokens, {log['problems_seen']:,} problems (training seeds from 0); {log['minutes']} min on 2 CPU cores |
+| training | {steps} steps of {spec['batch_size']} x {spec['seq_len']} tokens, AdamW lr {spec['learning_rate']}, cosine on wall-clock time; {tokens:,} tokens, training problems from seed 0 on; {minutes} min on 2 shared CPU cores |
 | seed | {log['seed']} |
 
 ## Measured accuracy
@@ -44,6 +45,8 @@ Greedy, exact final answer, held-out problems {evaluation['offset']}..{evaluatio
 |---|---|---|---|
 {history}
 
+{notes}
+
 ## Reproduce
 
     collab-decode demo train --which {which} --seed {log['seed']}
@@ -58,11 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--which", required=True, choices=["small", "large"])
     parser.add_argument("--eval-json", required=True)
+    parser.add_argument("--notes", default="", help="extra Markdown for the card (e.g. how the run went)")
     args = parser.parse_args(argv)
     path = checkpoint_dir(args.which)
     log = json.loads((path / "train_log.json").read_text())
     evaluation = json.loads(open(args.eval_json).read())
-    (path / "README.md").write_text(render(args.which, log, evaluation))
+    (path / "README.md").write_text(render(args.which, log, evaluation, args.notes))
     print(f"wrote {path / 'README.md'}")
 
 
