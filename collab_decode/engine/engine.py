@@ -39,7 +39,8 @@ class Engine:
         self.backends = {SMALL: small} if large is None else {SMALL: small, LARGE: large}
         self.tokenizer = tokenizer
         self.vocab_size = min([b.vocab_size for b in self.backends.values()] + [len(tokenizer)])
-        self.eos_token_ids = set(small.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
+        self.eos_token_ids = {t for b in self.backends.values() for t in b.eos_token_ids} | (
+            {tokenizer.eos_token_id} - {None})
         # the context a request may use: the configured limit, capped by what every model was built for
         model_limits = [b.config.max_position_embeddings for b in self.backends.values()
                         if hasattr(getattr(b, "config", None), "max_position_embeddings")]
@@ -72,7 +73,7 @@ class Engine:
         policy = parse_policy(routing or self.config.default_policy, self)
         self._validate(prompt_ids, sampling, policy)
         seq = Sequence(next(self._ids), list(prompt_ids), sampling, arrival=time.monotonic_ns(), policy=policy,
-                       policy_state=policy.new_state(),
+                       policy_state=policy.new_state(sampling.seed),
                        generator=make_generator(sampling.seed, getattr(self.backends[SMALL], "device", "cpu")))
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
@@ -240,7 +241,8 @@ class Engine:
         new_text, stopped = self.detokenizer.update(seq, final=reason is not None)
         if stopped:
             reason = "stop"
-        seq.policy.observe(seq, seq.output_text.endswith(self.config.step_delimiter))
+        # step ends are read from all text decoded so far, not from output_text (which holds back characters)
+        seq.policy.observe(seq, seq.decoded_text.endswith(self.config.step_delimiter))
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._release([seq])

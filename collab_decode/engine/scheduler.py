@@ -68,28 +68,29 @@ class Scheduler:
             budget = self._schedule_one(seq, budget, out)
         while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            if not all(m.can_allocate(seq.seq_id, seq.num_tokens + 1) for m in self.kv.values()):
-                break  # admission checks both pools; keep arrival order
+            if not all(self.kv[m].can_allocate(seq.seq_id, seq.num_tokens + 1) for m in self._pools_of(seq)):
+                break  # admission checks every pool the request will use; keep arrival order
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             budget = self._schedule_one(seq, budget, out)
         return out
 
+    def _pools_of(self, seq: Sequence) -> list[str]:
+        pools = [SMALL] if seq.policy.uses_small else []
+        return pools + ([LARGE] if seq.policy.uses_large and LARGE in self.kv else [])
+
     def _schedule_one(self, seq: Sequence, budget: int, out: ScheduleOutput) -> int:
+        if budget <= 0:
+            return budget
         if seq.policy.pre_route(seq):  # the large model writes this token; the small model lags
             out.seqs.append(seq)
             out.num_new_tokens.append(0)
             return budget - 1
         num_new = min(len(seq.backlog(SMALL)), budget)
-        if num_new == 0:
-            return budget
         target = seq.num_cached[SMALL] + num_new
-        while not self.kv[SMALL].can_allocate(seq.seq_id, target):
-            victim = self._youngest_running(exclude=seq)
-            if victim is None:
-                return budget  # nothing left to preempt: it waits for blocks freed by finishing peers
-            self._preempt(victim, out)
+        if not self._make_room(SMALL, seq, target, out):
+            return budget  # it was the youngest: preempted itself
         self.kv[SMALL].allocate(seq.seq_id, target)
         out.seqs.append(seq)
         out.num_new_tokens.append(num_new)
@@ -99,14 +100,9 @@ class Scheduler:
         """Give each seq blocks in `model`'s pool for num_tokens tokens, preempting the youngest as
         needed. Returns the sequences that were preempted (possibly some of `seqs`)."""
         preempted: list[Sequence] = []
-        manager = self.kv[model]
         for seq, n in zip(seqs, num_tokens):
-            while seq.status is Status.RUNNING and not manager.can_allocate(seq.seq_id, n):
-                victim = self._youngest_running(exclude=None)
-                self._preempt(victim, None)
-                preempted.append(victim)
-            if seq.status is Status.RUNNING:
-                manager.allocate(seq.seq_id, n)
+            if seq.status is Status.RUNNING and self._make_room(model, seq, n, None, preempted):
+                self.kv[model].allocate(seq.seq_id, n)
         return preempted
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -124,9 +120,22 @@ class Scheduler:
         if self.kv[model].has(seq.seq_id):
             self.kv[model].truncate(seq.seq_id, seq.num_cached[model])
 
-    def _youngest_running(self, exclude: Sequence | None) -> Sequence | None:
-        candidates = [s for s in self.running if s is not exclude]
-        return max(candidates, key=lambda s: s.arrival) if candidates else None
+    def _make_room(self, model: str, seq: Sequence, num_tokens: int, out: ScheduleOutput | None,
+                   preempted: list[Sequence] | None = None) -> bool:
+        """Preempt until `model`'s pool can give seq room for num_tokens. The victim is the youngest of
+        seq and the running sequences holding blocks in that pool (freeing others would not help).
+        False if seq itself was the youngest and is now preempted."""
+        manager = self.kv[model]
+        while not manager.can_allocate(seq.seq_id, num_tokens):
+            holders = [s for s in self.running
+                       if s is not seq and manager.has(s.seq_id) and manager.num_tokens_capacity(s.seq_id) > 0]
+            victim = max(holders + [seq], key=lambda s: s.arrival)
+            self._preempt(victim, out)
+            if preempted is not None:
+                preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _preempt(self, seq: Sequence, out: ScheduleOutput | None) -> None:
         self.running.remove(seq)

@@ -32,10 +32,12 @@ class RouterInputs:
 class RoutingPolicy:
     name = "base"
     uses_large = True  # needs a large model
+    uses_small = True  # runs the small model (every policy but `large`)
     lookahead = 0  # extra KV slots a request needs beyond max_tokens (speculative drafts)
     speculative = False
 
-    def new_state(self) -> Any:
+    def new_state(self, seed: int | None = None) -> Any:
+        """Per-sequence state; `seed` is the request's sampling seed (None if unseeded)."""
         return None
 
     def pre_route(self, seq: Sequence) -> bool:
@@ -67,6 +69,7 @@ class LargeOnly(RoutingPolicy):
     """Every token from the large model (the small model still runs, like any policy's proposer)."""
 
     name = "large"
+    uses_small = False
 
     def pre_route(self, seq: Sequence) -> bool:
         return True
@@ -85,8 +88,9 @@ class RandomRoute(RoutingPolicy):
             raise ValueError(f"random:p needs 0 <= p <= 1, got {p}")
         self.p = p
 
-    def new_state(self) -> Any:
-        return {"rng": torch.Generator().manual_seed(0)}
+    def new_state(self, seed: int | None = None) -> Any:
+        # seeded by the request's seed, so a seeded request routes reproducibly; unseeded ones share seed 0
+        return {"rng": torch.Generator().manual_seed(0 if seed is None else seed)}
 
     def decide(self, inputs: RouterInputs) -> torch.Tensor:
         draws = [torch.rand((), generator=s.policy_state["rng"]).item() for s in inputs.seqs]
@@ -132,7 +136,7 @@ class StepEntropyRoute(RoutingPolicy):
             raise ValueError(f"step-entropy:t needs t >= 0 (nats), got {t}")
         self.t = t
 
-    def new_state(self) -> Any:
+    def new_state(self, seed: int | None = None) -> Any:
         return {"at_step_start": True, "owner": None}
 
     def pre_route(self, seq: Sequence) -> bool:

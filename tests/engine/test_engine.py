@@ -139,3 +139,17 @@ def test_compiled_decode_path_matches_eager(pair):
     eager = make_engine(pair[0])
     assert [r.token_ids for r in compiled.generate(PROMPTS, GREEDY)] == \
         [r.token_ids for r in eager.generate(PROMPTS, GREEDY)]
+
+
+def test_preemption_only_takes_blocks_from_the_pool_that_is_short(pair):
+    """A large-pool shortage must not preempt a sequence that holds no large-model blocks."""
+    # large pool: 12 blocks of 4 tokens; the small pool is ample
+    engine = make_engine(*pair, block_size=4, large_kv_bytes=48 * 2 * 3 * 2 * 16 * 4)
+    larges = [engine.add_request(p, GREEDY, "large") for p in PROMPTS[:2]]
+    small_only = engine.add_request(PROMPTS[2], GREEDY, "small")  # the youngest, but holds no large blocks
+    seqs = {i: engine.seqs[i] for i in [small_only, *larges]}
+    while engine.has_unfinished():
+        engine.step()
+    assert seqs[small_only].stats.num_preemptions == 0
+    assert sum(seqs[i].stats.num_preemptions for i in larges) > 0
+    check_all_free(engine)

@@ -119,3 +119,18 @@ def test_speculative_sampling_keeps_the_large_models_distribution(engine, pair):
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 20.5, (counts, expected)  # 4 dof: p = 0.0004
     assert any(r.provenance[0] == "small" for r in results) and any(r.provenance[0] == "large" for r in results)
+
+
+def test_step_boundaries_do_not_depend_on_stop_string_hold_back():
+    """Stop strings hold streamed text back; step ends must still be seen where they happen."""
+    from collab_decode.demo import checkpoint_dir
+    from collab_decode.demo.task import problems
+    from collab_decode.demo.tokenizer import chat_prompt
+
+    engine = make_engine(checkpoint_dir("small"), checkpoint_dir("large"))
+    prompts = [chat_prompt(p.question) for p in problems("heldout", 3)]
+    for threshold in (0.6, 1.0):
+        plain = engine.generate(prompts, SamplingParams(max_tokens=100, temperature=0.0), f"step-entropy:{threshold}")
+        held = engine.generate(prompts, SamplingParams(max_tokens=100, temperature=0.0, stop=("ZZZZZZZZZZ",)),
+                               f"step-entropy:{threshold}")
+        assert [r.provenance for r in plain] == [r.provenance for r in held]
