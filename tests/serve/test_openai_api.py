@@ -121,10 +121,15 @@ def test_seeded_sampling_reproducible_and_stop_honoured(client):
                   extra_body={"top_k": 20})
     first, second = (client.completions.create(**kwargs).choices[0].text for _ in range(2))
     assert first == second
-    greedy = client.completions.create(model="demo", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    from collab_decode.demo.tokenizer import chat_prompt
+
+    solution_prompt = chat_prompt(PROMPT)  # the demo models write a long worked solution after it
+    greedy = client.completions.create(model="demo", prompt=solution_prompt, max_tokens=MAX_TOKENS, temperature=0)
     text = greedy.choices[0].text
+    assert len(text) >= 8, text
     stop = text[3:6]
-    stopped = client.completions.create(model="demo", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+    stopped = client.completions.create(model="demo", prompt=solution_prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                        stop=[stop])
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == text[:text.index(stop)]
 
