@@ -82,7 +82,8 @@ class SampleOutput:
     """What `Sampler.sample` returns for a batch of B rows."""
 
     token_ids: torch.Tensor  # (B,) int64 chosen tokens
-    logprobs: torch.Tensor  # (B,) float32 logprob of each chosen token under log_softmax(raw logits)
+    logprobs: torch.Tensor | None  # (B,) float32 logprob of each chosen token under log_softmax(raw
+    #   logits); None when no row asked for logprobs
     # (B, n) int64 / float32 top-n tokens of the raw distribution, logprob descending, where n is the
     # largest `logprobs` asked for in the batch: rows that asked for fewer slice [:, :their n].
     # None when no row wants alternatives.
@@ -190,7 +191,10 @@ class Sampler:
     @staticmethod
     def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
                   params: list[SamplingParams]) -> SampleOutput:
-        """Raw logprobs (vLLM's default) of the chosen tokens, and top-n alternatives if asked."""
+        """Raw logprobs (vLLM's default) of the chosen tokens, and top-n alternatives if asked.
+        Nothing is computed when no row asks for logprobs (the common case on the hot path)."""
+        if all(p.logprobs is None for p in params):
+            return SampleOutput(token_ids, None)
         raw = logits.log_softmax(dim=-1)  # (B, V)
         chosen = raw.gather(-1, token_ids[:, None]).squeeze(-1)  # (B,)
         num_top = max((p.logprobs or 0 for p in params), default=0)

@@ -189,13 +189,15 @@ def test_frequencies_match_processed_probs_seeded_rows():
 
 def test_chosen_logprobs_are_raw_log_softmax():
     logits = random_logits(4)
-    params = [SamplingParams(temperature=0.5, top_k=3, seed=1), SamplingParams(temperature=0),
+    params = [SamplingParams(temperature=0.5, top_k=3, seed=1, logprobs=0), SamplingParams(temperature=0),
               SamplingParams(top_p=0.7, seed=2), SamplingParams(temperature=2.0, seed=3)]
     out = sample(logits, params, [make_generator(p.seed) for p in params])
     expected = logits.log_softmax(-1).gather(-1, out.token_ids[:, None]).squeeze(-1)
     assert out.logprobs.dtype == torch.float32
     assert torch.allclose(out.logprobs, expected)
     assert out.top_ids is None and out.top_logprobs is None
+    # nobody asks: nothing is computed
+    assert sample(logits[1:], params[1:], [make_generator(p.seed) for p in params[1:]]).logprobs is None
 
 
 def test_top_logprobs_sorted_and_sized_to_largest_request():
