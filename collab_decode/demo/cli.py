@@ -19,6 +19,7 @@ def add_demo_parser(sub) -> None:
                        help="wall-clock budget per model (default: the model's own, see demo/train.py SPECS)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the checkpoint in --out (fresh schedule; data continues where it stopped)")
+    train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's own)")
     train.set_defaults(func=cmd_train)
 
     ev = demo_sub.add_parser("eval", help="greedy accuracy on held-out problems (the project's evaluator)")
@@ -37,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from collab_decode.demo.train import train_demo_pair
 
     logs = train_demo_pair(args.out or CHECKPOINTS, which=args.which, seed=args.seed, threads=args.threads,
-                           max_minutes=args.max_minutes, resume=args.resume)
+                           max_minutes=args.max_minutes, resume=args.resume, learning_rate=args.lr)
     for log in logs:
         print(f"{log['model']}: {log['num_params'] / 1e6:.2f}M params, {log['steps']} steps, "
               f"{log['minutes']} min, best validation accuracy {log['best_val_accuracy']:.3f}")

@@ -16,7 +16,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -105,11 +105,13 @@ def greedy_accuracy(model, tokenizer, split: str, num: int, offset: int = 0) -> 
 
 
 def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val: int, eval_every_s: float,
-              max_minutes: float | None = None, resume: bool = False) -> dict:
+              max_minutes: float | None = None, resume: bool = False, learning_rate: float | None = None) -> dict:
     """Train the `which` model and save it to out_dir/which. Returns the training log."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     spec = SPECS[which]
+    if learning_rate is not None:
+        spec = replace(spec, learning_rate=learning_rate)
     budget_s = 60 * (max_minutes if max_minutes is not None else spec.max_minutes)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(seed)
@@ -154,11 +156,12 @@ def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val
             history.append({"step": step, "minutes": round((last_eval - start) / 60, 2), "loss": loss.item(),
                             "val_accuracy": acc, "problems_seen": stream.next_index})
             print(f"[{which}] step {step} validation accuracy {acc:.3f} ({num_val} problems)", flush=True)
-            if acc >= best:
-                best = acc
-                _save(model, tokenizer, out_dir / which)
-                (out_dir / which / "train_log.json").write_text(json.dumps(
-                    {"model": which, "problems_seen": stream.next_index, "history": history}, indent=2))
+            best = max(best, acc)
+            # always keep the latest weights: a run cut short (or continued with --resume) starts from here
+            _save(model, tokenizer, out_dir / which)
+            (out_dir / which / "train_log.json").write_text(json.dumps(
+                {"model": which, "problems_seen": stream.next_index, "history": history, **previous_totals(previous)},
+                indent=2))
             if acc >= spec.stop_accuracy or out_of_time:
                 break
     log = {"model": which, "spec": asdict(spec), "num_params": num_params, "seed": seed, "steps": step,
@@ -172,6 +175,12 @@ def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val
     return log
 
 
+def previous_totals(previous: dict) -> dict:
+    """The totals of the runs before this one, so a checkpoint saved mid-run keeps its history."""
+    out = {f"total_{k}": previous.get(f"total_{k}", previous.get(k, 0)) for k in ("steps", "tokens_seen", "minutes")}
+    return {**out, "runs": previous.get("runs", [])}
+
+
 def _save(model, tokenizer, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), safe_serialization=True)
@@ -179,14 +188,15 @@ def _save(model, tokenizer, path: Path) -> None:
 
 
 def train_demo_pair(out_dir: str | Path, which: str = "both", seed: int = 0, threads: int = 2, num_val: int = 100,
-                    eval_every_minutes: float = 8.0, max_minutes: float | None = None, resume: bool = False) -> list[dict]:
+                    eval_every_minutes: float = 8.0, max_minutes: float | None = None, resume: bool = False,
+                    learning_rate: float | None = None) -> list[dict]:
     """Build the tokenizer and train the requested demo model(s) into out_dir/{small,large}."""
     torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     tokenizer_dir = Path(tempfile.mkdtemp(prefix="collab-decode-tokenizer-"))
     build_tokenizer(tokenizer_dir)
     names = ["small", "large"] if which == "both" else [which]
-    logs = [train_one(n, out_dir, tokenizer_dir, seed, num_val, 60 * eval_every_minutes, max_minutes, resume)
-            for n in names]
+    logs = [train_one(n, out_dir, tokenizer_dir, seed, num_val, 60 * eval_every_minutes, max_minutes, resume,
+                      learning_rate) for n in names]
     shutil.rmtree(tokenizer_dir)
     return logs
