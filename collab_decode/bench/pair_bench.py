@@ -58,7 +58,8 @@ def speed_table(engine, num_prompts: int, policies: list[str]) -> list[dict]:
     prompts = [engine.tokenizer(chat_prompt(p.question), add_special_tokens=False)["input_ids"]
                for p in problems("heldout", num_prompts)]
     sampling = SamplingParams(max_tokens=300, temperature=0.0)
-    engine.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0.0), policies[0])  # warm up
+    for policy in policies:  # warm up every path (and compile, with --compile) before timing
+        engine.generate(prompts[:1], SamplingParams(max_tokens=24, temperature=0.0), policy)
     rows = []
     for policy in policies:
         num_tokens, seconds, step_total, step_forward, num_steps = 0, 0.0, 0.0, 0.0, 0
