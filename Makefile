@@ -23,7 +23,7 @@ generate: setup
 	$(VENV)/bin/collab-decode generate --pair demo --policy entropy:0.6 --prompt "Ann has 352 marbles. She finds 179 more. Then she gives away 86. How many marbles does Ann have now?" --chat
 
 test: setup
-	$(PY) -m pytest -x -q tests
+	$(PY) -m pytest -x tests
 
 bench: setup
 	$(PY) -m collab_decode.bench.engine_bench
