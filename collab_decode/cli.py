@@ -84,7 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
     prompt_ids = engine.tokenizer(prompt, add_special_tokens=not args.chat)["input_ids"]
-    max_tokens = args.max_tokens if args.max_tokens is not None else max(1, engine.max_model_len - len(prompt_ids))
+    max_tokens = args.max_tokens if args.max_tokens is not None else engine.max_tokens_left(len(prompt_ids))
     sampling = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     result = engine.generate([prompt_ids], sampling, args.policy)[0]

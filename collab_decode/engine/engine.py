@@ -46,7 +46,7 @@ class Engine:
                         if hasattr(getattr(b, "config", None), "max_position_embeddings")]
         self.max_model_len = min([self.config.scheduler.max_model_len] + model_limits)
         kv = {name: self._init_cache(name, b) for name, b in self.backends.items()}
-        self.scheduler = Scheduler(self.config.scheduler, kv)
+        self.scheduler = Scheduler(self.config.scheduler, kv, on_release=self._release)
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(tokenizer)
         self.seqs: dict[int, Sequence] = {}
@@ -99,7 +99,10 @@ class Engine:
         seq = self.seqs.pop(seq_id, None)
         if seq is not None and not seq.finished:
             self.scheduler.finish(seq, "abort")
-            self._release([seq])
+
+    def max_tokens_left(self, num_prompt_tokens: int) -> int:
+        """What the context leaves for output after a prompt (the default max_tokens of chat and the CLI)."""
+        return max(1, self.max_model_len - num_prompt_tokens)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -110,7 +113,6 @@ class Engine:
         t0 = time.perf_counter()
         self.last_step = StepTimes()
         plan = self.scheduler.schedule()
-        self._release(plan.preempted)
         token_plan, spec_seqs = self._split_speculative(plan)
         proposals, small_view = self._run_small(token_plan)  # seq_id -> proposed token; the small model's view
         routed = self._route(proposals, small_view)
@@ -169,12 +171,11 @@ class Engine:
         if not rows:
             return proposals, None
         idx = torch.tensor(rows)
-        sampled = [seqs[i] for i in rows]
-        sample = self._sample(out.logits[idx], sampled)
+        sampled, logits = [seqs[i] for i in rows], out.logits[idx, :self.vocab_size]
+        sample = self._sample(logits, sampled)
         for j, seq in enumerate(sampled):
             proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j)
-        view = RouterInputs(sampled, out.logits[idx, :self.vocab_size], out.hidden[idx], sample.token_ids,
-                            self.backends[SMALL].embed)
+        view = RouterInputs(sampled, logits, out.hidden[idx], sample.token_ids, self.backends[SMALL].embed)
         return proposals, view
 
     def _route(self, proposals: dict[int, "Proposal"], view: RouterInputs | None) -> list[Sequence]:
@@ -195,9 +196,7 @@ class Engine:
         """The large model catches up on each routed sequence's backlog and writes its next token."""
         if not routed:
             return
-        preempted = self.scheduler.reserve(LARGE, routed, [s.num_tokens for s in routed])
-        self._release(preempted)
-        for seq in preempted:
+        for seq in self.scheduler.reserve(LARGE, routed, [s.num_tokens for s in routed]):
             proposals.pop(seq.seq_id, None)  # preempted: it will recompute from scratch
         routed = [s for s in routed if s.seq_id in proposals]
         if not routed:
@@ -245,16 +244,14 @@ class Engine:
         seq.policy.observe(seq, seq.decoded_text.endswith(self.config.step_delimiter))
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            self._release([seq])
             self.seqs.pop(seq.seq_id, None)
         return make_output(seq, num_new, new_text)
 
-    def _release(self, seqs: list[Sequence]) -> None:
-        """Drop what backends hold per sequence (the transformers fallback's caches) once a sequence
-        finishes or is preempted; the scheduler has already freed its blocks."""
-        for seq in seqs:
-            for backend in self.backends.values():
-                backend.release(seq.seq_id)
+    def _release(self, seq_id: int) -> None:
+        """The scheduler freed this sequence's blocks: drop what backends hold for it (the transformers
+        fallback's caches)."""
+        for backend in self.backends.values():
+            backend.release(seq_id)
 
     def _speculative_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
         from collab_decode.engine.speculative import speculative_step

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from collab_decode.engine.sequence import LARGE, SMALL, Sequence, Status
 from collab_decode.kvcache import KVCacheManager
@@ -42,9 +43,13 @@ class ScheduleOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: dict[str, KVCacheManager]):
+    def __init__(self, config: SchedulerConfig, kv: dict[str, KVCacheManager],
+                 on_release: Callable[[int], None] | None = None):
         self.config = config
         self.kv = kv  # SMALL (and LARGE, for a pair) -> block bookkeeping
+        # called with a sequence id whenever its blocks are freed (finished, aborted or preempted), so
+        # backends that keep per-sequence state of their own can drop it
+        self.on_release = on_release
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -111,8 +116,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        for manager in self.kv.values():
-            manager.free(seq.seq_id)
+        self._free(seq)
 
     def truncate(self, seq: Sequence, model: str, num_tokens: int) -> None:
         """Roll `model`'s cache of seq back to its first num_tokens tokens and free surplus blocks."""
@@ -137,10 +141,15 @@ class Scheduler:
                 return False
         return True
 
-    def _preempt(self, seq: Sequence, out: ScheduleOutput | None) -> None:
-        self.running.remove(seq)
+    def _free(self, seq: Sequence) -> None:
         for manager in self.kv.values():
             manager.free(seq.seq_id)
+        if self.on_release is not None:
+            self.on_release(seq.seq_id)
+
+    def _preempt(self, seq: Sequence, out: ScheduleOutput | None) -> None:
+        self.running.remove(seq)
+        self._free(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
         if out is not None:

@@ -67,12 +67,11 @@ def speculative_step(engine, seqs: list[Sequence]) -> list[RequestOutput]:
     ks = _draft_lengths(engine, seqs)
     for seq, k in zip(seqs, ks):  # small-model room for the backlog and k - 1 fed-back drafts
         if seq.status is Status.RUNNING:
-            engine._release(engine.scheduler.reserve(SMALL, [seq], [seq.num_tokens + k]))
+            engine.scheduler.reserve(SMALL, [seq], [seq.num_tokens + k])
     live = [(s, k) for s, k in zip(seqs, ks) if s.status is Status.RUNNING]
     seqs, ks = [s for s, _ in live], [k for _, k in live]
     base, draft_probs = _draft(engine, seqs, ks)
     preempted = engine.scheduler.reserve(LARGE, seqs, [s.num_tokens for s in seqs])
-    engine._release(preempted)
     for seq, n in zip(seqs, base):
         if seq in preempted:
             del seq.token_ids[n:]  # drop its drafts; it restarts from its committed tokens

@@ -102,9 +102,9 @@ class Attention(nn.Module):
         flat_shape = (-1, self.num_kv_heads, self.head_dim)
         k_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, v)
-        out = q.new_empty(num_tokens, self.num_heads * self.head_dim)
         if meta.only_decodes:
             return self._decode(q, k_cache, v_cache, meta)
+        out = q.new_empty(num_tokens, self.num_heads * self.head_dim)
         if meta.decode_token_idx is not None:
             out[meta.decode_token_idx] = self._decode(q[meta.decode_token_idx], k_cache, v_cache, meta)
         for chunk in meta.prefills:
@@ -163,16 +163,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    # three parts: the cache-free projections, attention over the paged cache, the cache-free rest
     def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        q, k, v = self.pre_attention(x, cos, sin)
-        return self.post_attention(x, self.self_attn.attend(q, k, v, k_cache, v_cache, meta))
-
-    def pre_attention(self, x, cos, sin):
-        return self.self_attn.project(self.input_layernorm(x), cos, sin)
-
-    def post_attention(self, x, attn):
-        x = x + self.self_attn.o_proj(attn)
+        attn = self.self_attn
+        q, k, v = attn.project(self.input_layernorm(x), cos, sin)
+        x = x + attn.o_proj(attn.attend(q, k, v, k_cache, v_cache, meta))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -240,4 +234,3 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
-

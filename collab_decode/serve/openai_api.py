@@ -110,7 +110,7 @@ class _Routes:
             prompt_ids = chat_prompt_ids(self.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             if max_tokens is None:  # OpenAI's default: whatever context is left
-                max_tokens = max(1, self.engine.engine.max_model_len - len(prompt_ids))
+                max_tokens = self.engine.engine.max_tokens_left(len(prompt_ids))
             sampling = req.sampling_params(max_tokens, req.engine_logprobs())
             routing = routing_spec(req.routing, self.model)
         stream = await self._start(prompt_ids, sampling, routing)
