@@ -1,9 +1,10 @@
 """Demo-pair benchmark: accuracy against large share per routing policy, and decode speed at batch 1.
 
 Accuracy (greedy, held-out problems): the entropy threshold whose large share is closest to
-`--target-share` is found on a calibration slice (validation problems, apart from the reported ones);
-then `entropy` at that threshold, `random` at the share entropy actually reached, and `step-entropy`
-over a threshold sweep run on the reported problems, with `small` and `large` alone for reference.
+`--target-share` is found by bisection on a calibration slice (held-out problems apart from the
+reported ones); then, all on the same reported problems: `small` and `large` alone, `entropy` at that
+threshold, `random` at the share entropy actually reached, and the curves of entropy, random and
+step-entropy over threshold sweeps (step-entropy's best setting is the most accurate of its sweep).
 Speed (batch 1, same engine, same run): output tokens/s of small, large, entropy, speculative:4, and
 the engine's own time per step outside the two models' forwards.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -23,12 +25,25 @@ from collab_decode.demo.tokenizer import chat_prompt
 from collab_decode.sampling import SamplingParams
 
 CALIBRATION_OFFSET = 600_000  # held-out indices used to pick thresholds, apart from the reported [0, n)
-ENTROPY_SWEEP = (0.05, 0.1, 0.2, 0.35, 0.5, 0.8)
-STEP_SWEEP = (0.5, 0.9, 1.2, 1.5)
+ENTROPY_SWEEP = (0.01, 0.03, 0.1, 0.3, 1.0)  # nats; the curves drawn on the reported problems
+RANDOM_SWEEP = (0.05, 0.1, 0.2, 0.4)
+STEP_SWEEP = (0.1, 0.3, 0.6, 1.0, 1.5)
 
 
-def calibrate_entropy(engine, target: float, num: int) -> tuple[float, list[dict]]:
-    rows = [_summary(evaluate(engine, num, CALIBRATION_OFFSET, f"entropy:{t}", progress=False)) for t in ENTROPY_SWEEP]
+def calibrate_entropy(engine, target: float, num: int, iterations: int = 7) -> tuple[float, list[dict]]:
+    """The entropy threshold whose large share on the calibration slice is closest to `target`.
+
+    Large share falls as the threshold rises, so a bisection on log(threshold) over [1e-3, 4] nats finds it.
+    """
+    lo, hi, rows = math.log(1e-3), math.log(4.0), []
+    for _ in range(iterations):
+        t = float(f"{math.exp((lo + hi) / 2):.3g}")
+        rows.append(_summary(evaluate(engine, num, CALIBRATION_OFFSET, f"entropy:{t}", progress=False)))
+        print(f"  calibration {rows[-1]['policy']}: large share {rows[-1]['large_share']:.1%}", flush=True)
+        if rows[-1]["large_share"] > target:
+            lo = math.log(t)
+        else:
+            hi = math.log(t)
     best = min(rows, key=lambda r: abs(r["large_share"] - target))
     return float(best["policy"].split(":")[1]), rows
 
@@ -38,18 +53,26 @@ def _summary(report: dict) -> dict:
 
 
 def accuracy_table(engine, num: int, target: float, num_calibration: int) -> dict:
+    """Every policy on the same reported problems [0, num): the headline pair, then the curves."""
     threshold, calibration = calibrate_entropy(engine, target, num_calibration)
     print(f"calibrated entropy threshold for ~{target:.0%} large share: {threshold}", flush=True)
-    rows = []
-    for policy in ["small", "large", f"entropy:{threshold}"]:
-        rows.append(_summary(evaluate(engine, num, 0, policy, progress=False)))
-        print(rows[-1], flush=True)
-    rows.append(_summary(evaluate(engine, num, 0, f"random:{rows[-1]['large_share']:.4f}", progress=False)))
-    print(rows[-1], flush=True)
-    for t in STEP_SWEEP:
-        rows.append(_summary(evaluate(engine, num, 0, f"step-entropy:{t}", progress=False)))
-        print(rows[-1], flush=True)
-    return {"entropy_threshold": threshold, "calibration": calibration, "rows": rows}
+
+    def run(policy: str) -> dict:
+        row = _summary(evaluate(engine, num, 0, policy, progress=False))
+        print(f"  {policy}: accuracy {row['accuracy']:.1%}, large share {row['large_share']:.1%}", flush=True)
+        return row
+
+    rows = [run("small"), run("large"), run(f"entropy:{threshold}")]
+    headline = {"entropy": rows[-1], "random": run(f"random:{rows[-1]['large_share']:.4f}")}
+    rows.append(headline["random"])
+    rows += [run(f"entropy:{t}") for t in ENTROPY_SWEEP if t != threshold]
+    rows += [run(f"random:{p}") for p in RANDOM_SWEEP]
+    step_rows = [run(f"step-entropy:{t}") for t in STEP_SWEEP]
+    rows += step_rows
+    # step-entropy's best setting: the highest accuracy, the smaller large share breaking ties
+    headline["step-entropy"] = max(step_rows, key=lambda r: (r["accuracy"], -r["large_share"]))
+    return {"entropy_threshold": threshold, "target_share": target, "calibration": calibration,
+            "headline": headline, "rows": rows}
 
 
 def speed_table(engine, num_prompts: int, policies: list[str]) -> list[dict]:
@@ -93,6 +116,9 @@ def plot(acc: dict, path: Path) -> None:
         rows = sorted(rows, key=lambda r: r["large_share"])
         ax.plot([r["large_share"] for r in rows], [r["accuracy"] for r in rows], "o-" if len(rows) > 1 else "o",
                 label=name)
+    for name, row in acc.get("headline", {}).items():
+        ax.annotate(f"{name} {row['accuracy']:.0%}", (row["large_share"], row["accuracy"]), fontsize=8,
+                    xytext=(4, -10), textcoords="offset points")
     ax.set_xlabel("large share (fraction of output tokens from the large model)")
     ax.set_ylabel("accuracy (held-out, greedy)")
     ax.set_title("demo pair: accuracy vs large share")
@@ -103,7 +129,15 @@ def plot(acc: dict, path: Path) -> None:
 
 
 def markdown(acc: dict, speed: list[dict]) -> str:
-    lines = ["| policy | accuracy | large share |", "|---|---|---|"]
+    lines = []
+    if acc.get("headline"):
+        h = acc["headline"]
+        lines += [f"At ~{acc['target_share']:.0%} large share (entropy threshold {acc['entropy_threshold']} calibrated on "
+                  f"separate problems): entropy {h['entropy']['accuracy']:.1%} at {h['entropy']['large_share']:.1%}, "
+                  f"random {h['random']['accuracy']:.1%} at {h['random']['large_share']:.1%}; best step-entropy: "
+                  f"{h['step-entropy']['policy']} {h['step-entropy']['accuracy']:.1%} at "
+                  f"{h['step-entropy']['large_share']:.1%}.", ""]
+    lines += ["| policy | accuracy | large share |", "|---|---|---|"]
     lines += [f"| {r['policy']} | {r['accuracy']:.1%} | {r['large_share']:.1%} |" for r in acc["rows"]]
     lines += ["", "| policy (batch 1) | tokens/s | ms/step | engine overhead ms/step |", "|---|---|---|---|"]
     lines += [f"| {r['policy']} | {r['tokens_per_s']} | {r['ms_per_step']} | {r['engine_overhead_ms_per_step']} |"

@@ -12,7 +12,7 @@ import json
 from collab_decode.demo import checkpoint_dir
 
 
-def render(which: str, log: dict, evaluation: dict, notes: str = "") -> str:
+def render(which: str, log: dict, evaluation: dict, vocab_size: int, notes: str = "") -> str:
     spec = log["spec"]
     steps, tokens, minutes = (log.get(f"total_{k}", log[k]) for k in ("steps", "tokens_seen", "minutes"))
     history = "\n".join(f"| {h['step']} | {h['minutes']} | {h['loss']:.3f} | {h['val_accuracy']:.0%} |"
@@ -20,16 +20,16 @@ def render(which: str, log: dict, evaluation: dict, notes: str = "") -> str:
     return f"""# collab-decode demo {which} model
 
 A Llama-architecture causal LM trained from scratch on collab-decode's synthetic word problems
-(`collab_decode/demo/task.py`): multi-step additions and subtractions of 2-3 digit numbers, solved
-column by column in text. The demo pair's {which} model; its partner shares the tokenizer.
+(`collab_decode/demo/task.py`): 2-3 tagged additions and subtractions of numbers up to 3 digits,
+solved column by column in text. The demo pair's {which} model; its partner shares the tokenizer.
 
 | | |
 |---|---|
 | parameters | {log['num_params']:,} |
 | layers / hidden / MLP | {spec['num_hidden_layers']} / {spec['hidden_size']} / {spec['intermediate_size']} |
 | heads / kv heads / head dim | {spec['num_attention_heads']} / {spec['num_key_value_heads']} / {spec['head_dim']} |
-| tokenizer | byte-level BPE, {evaluation.get('vocab_size', '455')} tokens, one token per digit, chat template |
-| training | {steps} steps of {spec['batch_size']} x {spec['seq_len']} tokens, AdamW lr {spec['learning_rate']}, cosine on wall-clock time; {tokens:,} tokens, training problems from seed 0 on; {minutes} min on 2 shared CPU cores |
+| tokenizer | byte-level BPE, {vocab_size} tokens, one token per digit, chat template |
+| training | {steps} steps of {spec['batch_size']} whole problems, AdamW lr {spec['learning_rate']}, cosine on wall-clock time; {tokens:,} tokens with padding, training problems from seed 0 on; {minutes} min on 2 CPU cores |
 | seed | {log['seed']} |
 
 ## Measured accuracy
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     path = checkpoint_dir(args.which)
     log = json.loads((path / "train_log.json").read_text())
     evaluation = json.loads(open(args.eval_json).read())
-    (path / "README.md").write_text(render(args.which, log, evaluation, args.notes))
+    vocab_size = json.loads((path / "config.json").read_text())["vocab_size"]
+    (path / "README.md").write_text(render(args.which, log, evaluation, vocab_size, args.notes))
     print(f"wrote {path / 'README.md'}")
 
 

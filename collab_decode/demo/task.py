@@ -4,19 +4,23 @@ A problem is a start amount and 2-3 operations (add or subtract). The worked sol
 each operation, then computes it one column at a time, least-significant digit first, with the carry
 (or borrow) written out, so every step the model takes is local:
 
-    Ann has 352 marbles. She finds 179 more. Then she gives away 86. How many marbles does Ann have now?
+    Ann has 352 marbles. (a) She finds 179 more. (b) Then she gives away 86. How many marbles does Ann have now?
 
     Ann starts with 352 marbles.
 
-    She finds 179, so we add: 352 + 179.
+    (a) She finds 179, so we add: 352 + 179.
     2+9+0=11, write 1 carry 1.
     5+7+1=13, write 3 carry 1.
     3+1+1=5, write 5 carry 0.
     So 352 + 179 = 531.
 
-    Next she gives away 86, so we subtract: 531 - 086.
+    (b) Next she gives away 86, so we subtract: 531 - 086.
     ...
     The answer is 445.
+
+Each operation carries a tag, "(a)", "(b)", "(c)", in the question and at the start of its solution step:
+the step copies its amount from the question, and the tag makes that a match on content (find the
+same tag, read the number after it) rather than a count of sentences.
 
 The text has stylistic freedom that never changes the answer (optional restatement, interchangeable
 connectives and phrasings, chosen by the problem's own random stream), so a small and a large
@@ -86,12 +90,16 @@ def _column_lines(a: int, b: int, op: str) -> list[str]:
     return lines
 
 
-def _operation_step(rng: random.Random, first: bool, pronoun: str, total: int, amount: int, op: str,
+def _tag(index: int) -> str:
+    return f"({'abc'[index]})"
+
+
+def _operation_step(rng: random.Random, index: int, pronoun: str, total: int, amount: int, op: str,
                     verb: str) -> str:
     phrase = rng.choice(ADD_PHRASES if op == "+" else SUB_PHRASES)
-    lead = pronoun if first else f"{rng.choice(CONNECTIVES)} {pronoun.lower()}"
+    lead = pronoun if index == 0 else f"{rng.choice(CONNECTIVES)} {pronoun.lower()}"
     result = total + amount if op == "+" else total - amount
-    head = f"{lead} {verb} {amount}, {phrase}: {total:03d} {op} {amount:03d}."
+    head = f"{_tag(index)} {lead} {verb} {amount}, {phrase}: {total:03d} {op} {amount:03d}."
     return "\n".join([head, *_column_lines(total, amount, op), f"So {total} {op} {amount} = {result}."])
 
 
@@ -113,7 +121,7 @@ def make_problem(seed: int) -> Problem:
     sentences = [f"{name} has {start} {item}."]
     for i, (op, amount, verb) in enumerate(ops):
         verb_phrase = f"{verb} {amount} more" if op == "+" else f"{verb} {amount}"
-        sentences.append(f"{pronoun if i == 0 else 'Then ' + pronoun.lower()} {verb_phrase}.")
+        sentences.append(f"{_tag(i)} {pronoun if i == 0 else 'Then ' + pronoun.lower()} {verb_phrase}.")
     sentences.append(f"How many {item} does {name} have now?")
     question = " ".join(sentences)
 
@@ -122,7 +130,7 @@ def make_problem(seed: int) -> Problem:
         steps.append(rng.choice(OPENERS).format(name=name, n=start, item=item))
     running = start
     for i, (op, amount, verb) in enumerate(ops):
-        steps.append(_operation_step(rng, i == 0, pronoun, running, amount, op, verb))
+        steps.append(_operation_step(rng, i, pronoun, running, amount, op, verb))
         running = running + amount if op == "+" else running - amount
     steps.append(rng.choice(CLOSERS).format(n=running))
     return Problem(seed=seed, question=question, solution=STEP_DELIMITER.join(steps), answer=running)

@@ -1,6 +1,8 @@
 """The demo pair's tokenizer: a small byte-level BPE in Hugging Face format, with a chat template.
 
-Digits are always single tokens (so arithmetic is done digit by digit, as the worked solutions are);
+Every digit is one token with one id wherever it stands (a space before a number is a token of its
+own), so arithmetic is done digit by digit, as the worked solutions are, and copying a number is
+copying the same ids;
 common words and phrases of the task become merged tokens. Byte-level, so any text round-trips.
 """
 
@@ -33,8 +35,8 @@ def build_tokenizer(out_dir: str | Path) -> None:
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        # every digit is its own piece (with the space before it, if any): " 909" -> " 9", "0", "9"
-        pre_tokenizers.Split(Regex(r" ?[0-9]"), behavior="isolated"),
+        # every digit is its own piece: " 909" -> " ", "9", "0", "9"
+        pre_tokenizers.Split(Regex(r"[0-9]"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()

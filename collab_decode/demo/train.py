@@ -1,7 +1,7 @@
 """Train the demo pair on the CPU: `collab-decode demo train [--which small|large|both]`.
 
-Data flow: task.problems('train') -> chat-formatted text -> token stream packed into fixed-length
-rows (loss only on solution tokens) -> LlamaForCausalLM (transformers) with AdamW and a cosine
+Data flow: task.problems('train') -> chat-formatted text -> batches of whole problems, one per
+padded row (loss only on solution tokens) -> LlamaForCausalLM (transformers) with AdamW and a cosine
 schedule -> periodic greedy accuracy on validation problems (held-out seeds, a slice apart from the
 one `demo eval` reports on) -> save_pretrained (safetensors + config + tokenizer) and a train log.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import tempfile
 import time
@@ -40,14 +41,18 @@ class DemoModelSpec:
     learning_rate: float
     max_minutes: float  # wall-clock training budget
     stop_accuracy: float  # stop early once validation accuracy reaches this
+    eval_every_minutes: float  # validation interval; short for the small model, which must stop in time
     batch_size: int = 8
-    seq_len: int = 256
 
 
 SPECS = {
     # head_dim 64 so that vLLM's CPU attention can serve the large model (see DESIGN.md).
-    "large": DemoModelSpec(256, 768, 6, 4, 2, 64, learning_rate=2e-3, max_minutes=55, stop_accuracy=0.99),
-    "small": DemoModelSpec(128, 384, 2, 2, 1, 64, learning_rate=3e-3, max_minutes=12, stop_accuracy=0.60),
+    # Depth sets batch-1 decode latency on the CPU more than width does: 7 layers against 2 narrow ones
+    # gives the >= 4x large/small latency ratio the demo needs.
+    "large": DemoModelSpec(256, 768, 7, 4, 2, 64, learning_rate=2e-3, max_minutes=95, stop_accuracy=0.99,
+                           eval_every_minutes=8),
+    "small": DemoModelSpec(64, 256, 2, 2, 1, 64, learning_rate=3e-3, max_minutes=12, stop_accuracy=0.60,
+                           eval_every_minutes=1.5),
 }
 
 
@@ -63,31 +68,40 @@ def llama_config(spec: DemoModelSpec, vocab_size: int, eos_token_id: int):
     )
 
 
-class PackedStream:
-    """Training problems as packed (input_ids, labels) rows; labels are -100 on prompt tokens."""
+class ProblemBatches:
+    """Training problems as padded batches of whole problems, one per row, each starting at position 0
+    as it does when served; labels are -100 on the prompt and on padding.
 
-    def __init__(self, tokenizer, seq_len: int, start_index: int = 0):
-        self.tokenizer, self.seq_len, self.next_index = tokenizer, seq_len, start_index
-        self.ids: list[int] = []
-        self.labels: list[int] = []
+    A problem never straddles two rows: the solution copies its amounts from the question, which must
+    be in view. Problems are drawn `BUCKET` batches at a time and sorted by length before batching, so
+    rows of a batch have similar lengths and little compute goes to padding.
+    """
 
-    def _add_problem(self) -> None:
+    BUCKET = 8
+
+    def __init__(self, tokenizer, batch_size: int, start_index: int = 0):
+        self.tokenizer, self.batch_size, self.next_index = tokenizer, batch_size, start_index
+        self.pad_id = tokenizer.eos_token_id
+        self.ready: list[list[tuple[list[int], list[int]]]] = []
+
+    def _problem(self) -> tuple[list[int], list[int]]:
         p = make_problem(self.next_index)
         self.next_index += 1
         prompt_ids = self.tokenizer(chat_prompt(p.question))["input_ids"]
         solution_ids = self.tokenizer(p.solution + EOS)["input_ids"]
-        self.ids += prompt_ids + solution_ids
-        self.labels += [-100] * len(prompt_ids) + solution_ids
+        return prompt_ids + solution_ids, [-100] * len(prompt_ids) + solution_ids
 
-    def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows_ids, rows_labels = [], []
-        for _ in range(batch_size):
-            while len(self.ids) < self.seq_len:
-                self._add_problem()
-            rows_ids.append(self.ids[: self.seq_len])
-            rows_labels.append(self.labels[: self.seq_len])
-            del self.ids[: self.seq_len], self.labels[: self.seq_len]
-        return torch.tensor(rows_ids), torch.tensor(rows_labels)
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.ready:
+            rows = sorted((self._problem() for _ in range(self.BUCKET * self.batch_size)), key=lambda r: len(r[0]))
+            batches = [rows[i: i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+            random.Random(self.next_index).shuffle(batches)  # seeded by position in the stream: deterministic
+            self.ready = batches
+        rows = self.ready.pop()
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = [ids + [self.pad_id] * (width - len(ids)) for ids, _ in rows]
+        labels = [lab + [-100] * (width - len(lab)) for _, lab in rows]
+        return torch.tensor(input_ids), torch.tensor(labels)
 
 
 @torch.no_grad()
@@ -104,7 +118,7 @@ def greedy_accuracy(model, tokenizer, split: str, num: int, offset: int = 0) -> 
         return evaluate(engine, num, offset, progress=False)["accuracy"]
 
 
-def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val: int, eval_every_s: float,
+def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val: int,
               max_minutes: float | None = None, resume: bool = False, learning_rate: float | None = None) -> dict:
     """Train the `which` model and save it to out_dir/which. Returns the training log."""
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -127,7 +141,8 @@ def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val
     num_params = sum(p.numel() for p in model.parameters())
     print(f"[{which}] {num_params / 1e6:.2f}M parameters, budget {budget_s / 60:.0f} min", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, betas=(0.9, 0.95), weight_decay=0.1)
-    stream = PackedStream(tokenizer, spec.seq_len, start_index)
+    stream = ProblemBatches(tokenizer, spec.batch_size, start_index)
+    tokens_seen = 0
     warmup = 100
     history, step, start = [], 0, time.time()
     last_eval, best = start, -1.0
@@ -138,7 +153,8 @@ def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val
         lr_scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, elapsed / budget_s))))
         for group in opt.param_groups:
             group["lr"] = spec.learning_rate * lr_scale
-        input_ids, labels = stream.batch(spec.batch_size)
+        input_ids, labels = stream.batch()
+        tokens_seen += input_ids.numel()
         loss = model(input_ids=input_ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -146,11 +162,11 @@ def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val
         opt.step()
         step += 1
         if step % 10 == 0:
-            tok_s = step * spec.batch_size * spec.seq_len / (time.time() - start)
+            tok_s = tokens_seen / (time.time() - start)
             print(f"[{which}] step {step} loss {loss.item():.4f} lr {spec.learning_rate * lr_scale:.2e}"
                   f" {tok_s:.0f} tok/s {elapsed / 60:.1f} min", flush=True)
         out_of_time = time.time() - start >= budget_s
-        if time.time() - last_eval >= eval_every_s or out_of_time:
+        if time.time() - last_eval >= 60 * spec.eval_every_minutes or out_of_time:
             acc = greedy_accuracy(model, tokenizer, "heldout", num_val, VALIDATION_OFFSET)
             last_eval = time.time()
             history.append({"step": step, "minutes": round((last_eval - start) / 60, 2), "loss": loss.item(),
@@ -165,7 +181,7 @@ def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val
             if acc >= spec.stop_accuracy or out_of_time:
                 break
     log = {"model": which, "spec": asdict(spec), "num_params": num_params, "seed": seed, "steps": step,
-           "problems_seen": stream.next_index, "tokens_seen": step * spec.batch_size * spec.seq_len,
+           "problems_seen": stream.next_index, "tokens_seen": tokens_seen,
            "minutes": round((time.time() - start) / 60, 2), "best_val_accuracy": best, "history": history}
     # totals over every run that led to this checkpoint (a resumed run continues an earlier one)
     for key in ("steps", "tokens_seen", "minutes"):
@@ -188,7 +204,7 @@ def _save(model, tokenizer, path: Path) -> None:
 
 
 def train_demo_pair(out_dir: str | Path, which: str = "both", seed: int = 0, threads: int = 2, num_val: int = 100,
-                    eval_every_minutes: float = 8.0, max_minutes: float | None = None, resume: bool = False,
+                    max_minutes: float | None = None, resume: bool = False,
                     learning_rate: float | None = None) -> list[dict]:
     """Build the tokenizer and train the requested demo model(s) into out_dir/{small,large}."""
     torch.set_num_threads(threads)
@@ -196,7 +212,6 @@ def train_demo_pair(out_dir: str | Path, which: str = "both", seed: int = 0, thr
     tokenizer_dir = Path(tempfile.mkdtemp(prefix="collab-decode-tokenizer-"))
     build_tokenizer(tokenizer_dir)
     names = ["small", "large"] if which == "both" else [which]
-    logs = [train_one(n, out_dir, tokenizer_dir, seed, num_val, 60 * eval_every_minutes, max_minutes, resume,
-                      learning_rate) for n in names]
+    logs = [train_one(n, out_dir, tokenizer_dir, seed, num_val, max_minutes, resume, learning_rate) for n in names]
     shutil.rmtree(tokenizer_dir)
     return logs

@@ -99,8 +99,11 @@ def _commit(engine, seq: Sequence, committed: list[int], num_kept: int, logits: 
     num_new = 0
     for i, token in enumerate(committed):
         seq.append(token, SMALL if i < num_kept else LARGE)
-        if seq.sampling.logprobs is not None:
+        if seq.sampling.logprobs is not None:  # under the large model, which decided every committed token
             seq.logprobs.append(float(logprobs[i, token]))
+            if seq.sampling.logprobs > 0:
+                top, top_ids = logprobs[i].topk(min(seq.sampling.logprobs, logprobs.shape[-1]))
+                seq.top_logprobs.append(list(zip(top_ids.tolist(), top.tolist())))
         num_new += 1
         if token in engine.eos_token_ids and not seq.sampling.ignore_eos or token in seq.sampling.stop_token_ids:
             break

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from collab_decode.demo.task import (HELDOUT_SEED_BASE, STEP_DELIMITER, extract_answer, is_correct, make_problem,
@@ -30,6 +32,15 @@ def test_worked_solutions_reach_the_answer_by_their_own_arithmetic():
                 a, op, b, c = lhs[0], lhs[1], lhs[2], lhs[4]
                 value = int(a) + int(b) + int(c) if op == "+" else int(a) - int(b) - int(c)
                 assert rest.startswith(str(value)), line
+
+
+def test_each_step_starts_with_the_tag_of_its_operation_in_the_question():
+    for p in problems("train", 100):
+        asked = dict(re.findall(r"\(([abc])\) [^.0-9]*(\d+)", p.question))  # tag -> amount, "(b) Then he sells 270."
+        steps = [re.match(r"\(([abc])\) [^,0-9]*(\d+),", s) for s in p.solution.split(STEP_DELIMITER)]
+        worked = [m.groups() for m in steps if m]
+        assert 2 <= len(asked) <= 3 and [tag for tag, _ in worked] == list("abc"[:len(asked)])
+        assert dict(worked) == asked, (p.question, p.solution)
 
 
 def test_stylistic_freedom_exists():
@@ -65,7 +76,11 @@ def test_tokenizer_round_trip_and_chat_template():
         text = chat_prompt(p.question) + p.solution + EOS
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text
-        assert all(len(tok.decode([i]).strip()) <= 1 for i in ids if tok.decode([i]).strip().isdigit())  # one digit per token
+        pieces = [tok.decode([i]) for i in ids]
+        # a digit is always a token of its own, so each digit has one id wherever it stands
+        assert all(piece in "0123456789" for piece in pieces if any(ch.isdigit() for ch in piece)), pieces
+    assert tok.convert_tokens_to_ids(tok.tokenize(" 7")) == tok.convert_tokens_to_ids(tok.tokenize(" ")) + [
+        tok.convert_tokens_to_ids(tok.tokenize("7"))[0]]
     rendered = tok.apply_chat_template([{"role": "user", "content": "Q?"}], tokenize=False, add_generation_prompt=True)
     assert rendered == chat_prompt("Q?")
     odd = "naïve ünïcode → 42\t"

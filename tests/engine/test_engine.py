@@ -153,3 +153,26 @@ def test_preemption_only_takes_blocks_from_the_pool_that_is_short(pair):
     assert seqs[small_only].stats.num_preemptions == 0
     assert sum(seqs[i].stats.num_preemptions for i in larges) > 0
     check_all_free(engine)
+
+
+def _run_to_end(engine, prompt, sampling, policy):
+    seq_id = engine.add_request(prompt, sampling, policy)
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished and out.seq_id == seq_id:
+                return out.seq
+
+
+def test_speculative_logprobs_are_the_large_models(engine):
+    """Every committed token of speculative:k is the large model's decision: its logprob and top-n alternatives
+    are the large model's, the same as the `large` policy reports (drafts verified in one chunk vs one by one)."""
+    sampling = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0.0, ignore_eos=True, logprobs=3)
+    large = _run_to_end(engine, PROMPTS[1], sampling, "large")
+    spec = _run_to_end(engine, PROMPTS[1], sampling, "speculative:3")
+    assert spec.output_ids == large.output_ids
+    assert len(spec.logprobs) == len(spec.top_logprobs) == len(large.top_logprobs) == GREEDY.max_tokens
+    assert max(abs(a - b) for a, b in zip(spec.logprobs, large.logprobs)) < 1e-4
+    for mine, ref in zip(spec.top_logprobs, large.top_logprobs):
+        assert [t for t, _ in mine] == [t for t, _ in ref]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(mine, ref)) < 1e-4
+    check_all_free(engine)
