@@ -36,9 +36,6 @@ def test_small_is_not_accurate():
     assert small["accuracy"] <= 0.80, small["accuracy"]
 
 
-# strict: once the shipped large model reaches its target this xfail fails, and the marker must go
-@pytest.mark.xfail(strict=True, reason="the shipped demo large model is still undertrained (issue 3): "
-                                       "see its model card for the measured accuracy")
 def test_large_is_accurate():
     # 40 problems: the large model's 95% shows as >= 85% here with high probability
     large = evaluate(build_engine(checkpoint_dir("large")), NUM_SAMPLE, progress=False)
