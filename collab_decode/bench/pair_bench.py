@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-share", type=float, default=0.15)
     parser.add_argument("--num-speed-prompts", type=int, default=5)
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--entropy-threshold", type=float, default=0.009,
+                        help="with --skip-accuracy: the entropy policy's threshold in the speed table")
     parser.add_argument("--skip-speed", action="store_true",
                         help="accuracy only (e.g. while the machine is busy: speed needs it quiet)")
     parser.add_argument("--compile", action="store_true", help="torch.compile decode steps of both models")
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), compile=args.compile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    acc = {"rows": [], "entropy_threshold": 0.3} if args.skip_accuracy else \
+    acc = {"rows": [], "entropy_threshold": args.entropy_threshold} if args.skip_accuracy else \
         accuracy_table(engine, args.num_problems, args.target_share, args.num_calibration)
     speed = [] if args.skip_speed else speed_table(
         engine, args.num_speed_prompts, ["small", "large", f"entropy:{acc['entropy_threshold']}", "speculative:4"])

@@ -11,7 +11,7 @@ from pathlib import Path
 from collab_decode.serve.server import ServeConfig
 
 API_KEY_ENV = "COLLAB_DECODE_API_KEY"
-PAIR_DEFAULT_POLICY = "entropy:0.6"  # what a pair routes by when neither request nor flag names a policy
+PAIR_DEFAULT_POLICY = "entropy:0.009"  # a pair with no policy named: ~15% large share on the demo pair (docs/results/pair)
 
 
 def add_serve_parser(sub) -> None:

@@ -20,7 +20,7 @@ from collab_decode.engine.loading import build_engine
 from collab_decode.serve.requests import ServedModel
 from collab_decode.serve.server import Server, ServeConfig
 
-DEFAULT_POLICY = "entropy:0.6"  # what `collab-decode serve --pair demo` routes by
+DEFAULT_POLICY = "entropy:0.009"  # what `collab-decode serve --pair demo` routes by
 API_KEY = "test-key"
 PROMPT = "Ann has 352 marbles. (a) She finds 179 more. How many marbles does Ann have now?"
 

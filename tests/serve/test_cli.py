@@ -17,7 +17,7 @@ from collab_decode.serve.cli import resolve_defaults, served_model_name
 def test_serve_flags_and_defaults():
     args = resolve_defaults(build_parser().parse_args(["serve"]))
     assert (args.pair, args.host, args.port, args.grpc_port) == ("demo", "127.0.0.1", 8000, 50051)
-    assert args.default_policy == "entropy:0.6" and args.api_key is None and args.max_queue == 256
+    assert args.default_policy == "entropy:0.009" and args.api_key is None and args.max_queue == 256
     assert served_model_name(args) == "demo"
     args = resolve_defaults(build_parser().parse_args(["serve", "--small", "/m/tiny", "--large", "/m/big"]))
     assert args.pair is None and served_model_name(args) == "tiny+big"
@@ -38,7 +38,7 @@ def test_serve_process_answers_and_stops_on_sigterm():
         assert httpx.get(f"{url}/health", timeout=30).json() == {"status": "ok"}
         assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401  # the key came from the environment
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k"}, timeout=30).json()
-        assert models["data"][0]["id"] == "demo" and models["data"][0]["default_policy"] == "entropy:0.6"
+        assert models["data"][0]["id"] == "demo" and models["data"][0]["default_policy"] == "entropy:0.009"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
