@@ -164,7 +164,7 @@ class Sampler:
         else:
             probs = processed_probs(logits, params)  # (B, V)
             token_ids = (probs / self._race_noise(probs, params, generators)).argmax(dim=-1)
-        return self._logprobs(logits, token_ids, params)
+        return logprobs_of(logits, token_ids, params)
 
     @staticmethod
     def _race_noise(probs: torch.Tensor, params: list[SamplingParams],
@@ -188,20 +188,19 @@ class Sampler:
         # exponential_ may return exactly 0 in float32: keep the division finite.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
-    @staticmethod
-    def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
-                  params: list[SamplingParams]) -> SampleOutput:
-        """Raw logprobs (vLLM's default) of the chosen tokens, and top-n alternatives if asked.
-        Nothing is computed when no row asks for logprobs (the common case on the hot path)."""
-        if all(p.logprobs is None for p in params):
-            return SampleOutput(token_ids, None)
-        raw = logits.log_softmax(dim=-1)  # (B, V)
-        chosen = raw.gather(-1, token_ids[:, None]).squeeze(-1)  # (B,)
-        num_top = max((p.logprobs or 0 for p in params), default=0)
-        top_ids = top_logprobs = None
-        if num_top > 0:
-            top_logprobs, top_ids = raw.topk(min(num_top, raw.shape[-1]), dim=-1)  # (B, n), sorted
-        return SampleOutput(token_ids, chosen, top_ids, top_logprobs)
+
+def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SampleOutput:
+    """Raw logprobs (vLLM's default) of the chosen tokens, and top-n alternatives if asked.
+    Nothing is computed when no row asks for logprobs (the common case on the hot path)."""
+    if all(p.logprobs is None for p in params):
+        return SampleOutput(token_ids, None)
+    raw = logits.log_softmax(dim=-1)  # (B, V)
+    chosen = raw.gather(-1, token_ids[:, None]).squeeze(-1)  # (B,)
+    num_top = max((p.logprobs or 0 for p in params), default=0)
+    top_ids = top_logprobs = None
+    if num_top > 0:
+        top_logprobs, top_ids = raw.topk(min(num_top, raw.shape[-1]), dim=-1)  # (B, n), sorted
+    return SampleOutput(token_ids, chosen, top_ids, top_logprobs)
 
 
 def check_stop(text_so_far: str, new_text_start: int, stop: tuple[str, ...]) -> int | None:

@@ -25,6 +25,7 @@ import torch
 from collab_decode.demo.task import make_problem
 from collab_decode.demo.tokenizer import EOS, build_tokenizer, chat_prompt
 
+RUN_TOTALS = ("steps", "tokens_seen", "minutes")  # summed over the runs that led to a checkpoint (--resume)
 VALIDATION_OFFSET = 500_000  # held-out problems [offset, offset + n) guide training; `demo eval` uses [0, n)
 
 
@@ -105,17 +106,15 @@ class ProblemBatches:
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, split: str, num: int, offset: int = 0) -> float:
-    """Greedy exact-match accuracy, run by our own engine on a snapshot of the model (batched, fast)."""
+def greedy_accuracy(model, tokenizer, num: int, offset: int = 0) -> float:
+    """Greedy exact-match accuracy on held-out problems [offset, offset + num), run by our own engine on a
+    snapshot of the model (batched, fast)."""
     from collab_decode.demo.evaluate import evaluate
     from collab_decode.engine.loading import build_engine
 
     with tempfile.TemporaryDirectory() as snapshot:
         _save(model, tokenizer, Path(snapshot))
-        engine = build_engine(snapshot)
-        if split != "heldout":
-            raise ValueError(f"validation uses held-out problems, got split {split!r}")
-        return evaluate(engine, num, offset, progress=False)["accuracy"]
+        return evaluate(build_engine(snapshot), num, offset, progress=False)["accuracy"]
 
 
 def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val: int,
@@ -167,7 +166,7 @@ def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val
                   f" {tok_s:.0f} tok/s {elapsed / 60:.1f} min", flush=True)
         out_of_time = time.time() - start >= budget_s
         if time.time() - last_eval >= 60 * spec.eval_every_minutes or out_of_time:
-            acc = greedy_accuracy(model, tokenizer, "heldout", num_val, VALIDATION_OFFSET)
+            acc = greedy_accuracy(model, tokenizer, num_val, VALIDATION_OFFSET)
             last_eval = time.time()
             history.append({"step": step, "minutes": round((last_eval - start) / 60, 2), "loss": loss.item(),
                             "val_accuracy": acc, "problems_seen": stream.next_index})
@@ -184,16 +183,17 @@ def train_one(which: str, out_dir: Path, tokenizer_dir: Path, seed: int, num_val
            "problems_seen": stream.next_index, "tokens_seen": tokens_seen,
            "minutes": round((time.time() - start) / 60, 2), "best_val_accuracy": best, "history": history}
     # totals over every run that led to this checkpoint (a resumed run continues an earlier one)
-    for key in ("steps", "tokens_seen", "minutes"):
-        log[f"total_{key}"] = round(previous.get(f"total_{key}", previous.get(key, 0)) + log[key], 2)
-    log["runs"] = previous.get("runs", []) + [{k: log[k] for k in ("steps", "tokens_seen", "minutes")}]
+    before = previous_totals(previous)
+    for key in RUN_TOTALS:
+        log[f"total_{key}"] = round(before[f"total_{key}"] + log[key], 2)
+    log["runs"] = before["runs"] + [{k: log[k] for k in RUN_TOTALS}]
     (out_dir / which / "train_log.json").write_text(json.dumps(log, indent=2))
     return log
 
 
 def previous_totals(previous: dict) -> dict:
     """The totals of the runs before this one, so a checkpoint saved mid-run keeps its history."""
-    out = {f"total_{k}": previous.get(f"total_{k}", previous.get(k, 0)) for k in ("steps", "tokens_seen", "minutes")}
+    out = {f"total_{k}": previous.get(f"total_{k}", previous.get(k, 0)) for k in RUN_TOTALS}
     return {**out, "runs": previous.get("runs", [])}
 
 

@@ -15,7 +15,7 @@ import torch
 
 from collab_decode.engine.output import RequestOutput
 from collab_decode.engine.sequence import LARGE, SMALL, Sequence, Status
-from collab_decode.sampling import processed_probs
+from collab_decode.sampling import logprobs_of, processed_probs
 
 
 def _draft_lengths(engine, seqs: list[Sequence]) -> list[int]:
@@ -95,15 +95,12 @@ def speculative_step(engine, seqs: list[Sequence]) -> list[RequestOutput]:
 
 def _commit(engine, seq: Sequence, committed: list[int], num_kept: int, logits: torch.Tensor) -> RequestOutput:
     n0 = seq.num_tokens
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    # every committed token was decided by the large model: its logprobs are the large model's
+    sample = logprobs_of(logits[:len(committed)].float(), torch.tensor(committed, device=logits.device),
+                         [seq.sampling] * len(committed))
     num_new = 0
     for i, token in enumerate(committed):
-        seq.append(token, SMALL if i < num_kept else LARGE)
-        if seq.sampling.logprobs is not None:  # under the large model, which decided every committed token
-            seq.logprobs.append(float(logprobs[i, token]))
-            if seq.sampling.logprobs > 0:
-                top, top_ids = logprobs[i].topk(min(seq.sampling.logprobs, logprobs.shape[-1]))
-                seq.top_logprobs.append(list(zip(top_ids.tolist(), top.tolist())))
+        engine._append(seq, token, SMALL if i < num_kept else LARGE, sample, i)
         num_new += 1
         if token in engine.eos_token_ids and not seq.sampling.ignore_eos or token in seq.sampling.stop_token_ids:
             break

@@ -23,8 +23,9 @@ def test_rows_are_whole_problems_with_loss_on_solutions_only():
             index = next(i for i in range(10, 10 + 8 * ProblemBatches.BUCKET) if make_problem(i).question == question)
             seen.add(index)
             p = make_problem(index)
-            prompt_len = len(tok(chat_prompt(p.question))["input_ids"])
-            assert ids[:prompt_len] == tok(chat_prompt(p.question))["input_ids"]  # starts at position 0
+            prompt_ids = tok(chat_prompt(p.question))["input_ids"]
+            prompt_len = len(prompt_ids)
+            assert ids[:prompt_len] == prompt_ids  # starts at position 0
             assert set(labs[:prompt_len]) == {-100}
             target = [t for t in labs if t != -100]
             assert tok.decode(target) == p.solution + EOS  # the whole solution, nothing of the padding
