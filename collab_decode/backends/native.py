@@ -25,7 +25,7 @@ class NativeBackend:
         # torch.compile fuses the many small ops that dominate a small model's decode step on a CPU.
         # Only decode-only batches (the bulk of generation) take the compiled path, so its graph sees one
         # metadata layout; batches with prefill chunks run eagerly. The first calls compile (~1 minute).
-        self._compiled = torch.compile(model.forward, dynamic=True) if compile else None
+        self._compiled = torch.compile(model.decode, dynamic=True) if compile else None
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -60,8 +60,11 @@ class NativeBackend:
         input_ids, positions, meta, last_idx, seq_lens = self.prepare_inputs(batch)
         chunk_lens = [len(c.token_ids) for c in batch.chunks]
         cos, sin = self.rope.cos_sin(positions, seq_lens, chunk_lens)
-        run = self._compiled if self._compiled is not None and meta.only_decodes else self.model
-        hidden = run(input_ids, cos, sin, self.cache, meta)  # (T, hidden)
+        if self._compiled is not None and meta.only_decodes and not any(c.all_positions for c in batch.chunks):
+            # one token per sequence, so each token is its sequence's last
+            last_hidden, logits = self._compiled(input_ids, cos, sin, self.cache, meta)
+            return ModelOutput(logits=logits.float(), hidden=last_hidden)
+        hidden = self.model(input_ids, cos, sin, self.cache, meta)  # (T, hidden)
         last_hidden = hidden[last_idx]  # (B, hidden)
         out = ModelOutput(logits=self.model.logits(last_hidden).float(), hidden=last_hidden)
         start = 0

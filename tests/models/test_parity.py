@@ -178,3 +178,26 @@ def test_truncate_then_redo_equals_fresh_run(arch, backend):
     ref_logits, _ = hf_chunked(arch, kept + new, [20] + [1] * 6)
     for i, logits in enumerate(redo):
         assert_close(logits, ref_logits[3 + i][0])
+
+
+@pytest.mark.parametrize("arch", ["llama-bias"])
+def test_compiled_decode_matches_hf(arch, tmp_path):
+    """compile=True: decode-only forwards run through torch.compile, where a one-row product is a fused
+    sum over the weight and several rows take the swapped-operand product (models.llama.Linear).
+    One sequence decoding alone, then three decoding together at different lengths, against HF."""
+    backend = NativeBackend.from_pretrained(save_hf_model(tmp_path, arch), compile=True)
+    backend.init_cache(NUM_BLOCKS, BLOCK_SIZE)
+    tables = {0: TABLE, 1: [1, 3, 4, 6, 7, 9], 2: [10, 12, 14, 15, 16, 17]}
+    ids = {0: random_ids(24, seed=14), 1: random_ids(14, seed=15), 2: random_ids(9, seed=16)}
+    step(backend, SeqChunk(0, ids[0][:20], 0, tables[0]))
+    alone = [step(backend, SeqChunk(0, [ids[0][t]], t, tables[0])).logits[0] for t in (20, 21)]
+    step(backend, SeqChunk(1, ids[1][:12], 0, tables[1]), SeqChunk(2, ids[2][:7], 0, tables[2]))
+    together = [step(backend, *(SeqChunk(s, [ids[s][n]], n, tables[s]) for s, n in ((0, 22 + i), (1, 12 + i), (2, 7 + i))))
+                for i in range(2)]
+    ref = {0: hf_chunked(arch, ids[0], [20, 1, 1, 1, 1])[0], 1: hf_chunked(arch, ids[1], [12, 1, 1])[0],
+           2: hf_chunked(arch, ids[2], [7, 1, 1])[0]}
+    assert_close(alone[0], ref[0][1][0])
+    assert_close(alone[1], ref[0][2][0])
+    for i, out in enumerate(together):
+        for row, s in enumerate((0, 1, 2)):
+            assert_close(out.logits[row], ref[s][(3 if s == 0 else 1) + i][0])
