@@ -2,7 +2,8 @@
 
 Our engine runs twice: eager, and with decode steps through torch.compile (`--compile`).
 For each model size (built in code, random init, Llama architecture) and batch size, all run the same
-greedy decode of `max_tokens` new tokens from the same prompts, alternating, best of `repeats`. Reports
+greedy decode of `max_tokens` new tokens from the same prompts, alternating (contenders and batch sizes
+inside each repeat), best of `repeats`. Reports
 decode tokens/s (output tokens / wall time, prefill included) and the ratios, measured side by side in
 this one run. Prints a table and writes JSON.
 
@@ -84,19 +85,25 @@ def run(sizes: list[str], batch_sizes: list[int], prompt_len: int, max_tokens: i
                 backend = NativeBackend.from_pretrained(tmp, compile=compile)
                 engines[mode] = Engine(backend, _IdTokenizer(backend.vocab_size), EngineConfig(small_kv_bytes=512 << 20))
             num_params = sum(p.numel() for p in hf_model.parameters())
-            for batch in batch_sizes:
-                prompts = torch.randint(1, 512, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
-                time_hf(hf_model, prompts[:, :8], 4)  # warm up (and compile)
+            prompts = {batch: torch.randint(1, 512, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
+                       for batch in batch_sizes}
+            for batch in batch_sizes:  # warm up (and compile)
+                time_hf(hf_model, prompts[batch][:, :8], 4)
                 for engine in engines.values():
-                    time_native(engine, prompts, 8)
-                times = {"hf": [], **{mode: [] for mode in engines}}
-                for _ in range(repeats):  # alternate, so a busy moment hits every contender
-                    times["hf"].append(time_hf(hf_model, prompts, max_tokens))
+                    time_native(engine, prompts[batch], 8)
+            times = {batch: {"hf": [], **{mode: [] for mode in engines}} for batch in batch_sizes}
+            for repeat in range(repeats):
+                # alternate contenders and batch sizes, so a busy moment of this shared machine hits every
+                # figure that a ratio is taken between
+                for batch in batch_sizes:
+                    times[batch]["hf"].append(time_hf(hf_model, prompts[batch], max_tokens))
                     for mode, engine in engines.items():
-                        times[mode].append(time_native(engine, prompts, max_tokens))
+                        times[batch][mode].append(time_native(engine, prompts[batch], max_tokens))
+                print(f"{size}: repeat {repeat + 1}/{repeats} done", flush=True)
+            for batch in batch_sizes:
                 row = {"size": size, "num_params": num_params, "batch": batch, "prompt_len": prompt_len,
                        "max_tokens": max_tokens, "threads": torch.get_num_threads()}
-                for mode, seconds in times.items():
+                for mode, seconds in times[batch].items():
                     row[f"{mode}_tokens_per_s"] = round(batch * max_tokens / min(seconds), 1)
                 for mode in engines:
                     row[f"{mode}_over_hf"] = round(row[f"{mode}_tokens_per_s"] / row["hf_tokens_per_s"], 2)
