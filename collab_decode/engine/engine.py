@@ -125,11 +125,14 @@ class Engine:
 
     # ---- step parts -----------------------------------------------------------------------------
     def _split_speculative(self, plan: ScheduleOutput) -> tuple[ScheduleOutput, list[Sequence]]:
+        """Speculative sequences whose chunk reaches their last token draft and verify this step; those
+        still prefilling a long prompt stay with the token-level batch, which runs their chunk (within
+        the step's token budget) and proposes nothing for them."""
         if not any(s.policy.speculative for s in plan.seqs):
             return plan, []
-        keep = [i for i, s in enumerate(plan.seqs) if not s.policy.speculative]
-        spec = [s for s, n, done in zip(plan.seqs, plan.num_new_tokens, plan.sampled())
-                if s.policy.speculative]
+        drafting = [s.policy.speculative and done for s, done in zip(plan.seqs, plan.sampled())]
+        keep = [i for i, d in enumerate(drafting) if not d]
+        spec = [s for s, d in zip(plan.seqs, drafting) if d]
         token_plan = ScheduleOutput([plan.seqs[i] for i in keep], [plan.num_new_tokens[i] for i in keep])
         return token_plan, spec
 

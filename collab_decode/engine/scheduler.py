@@ -20,7 +20,7 @@ from collab_decode.kvcache import KVCacheManager
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64  # sequences in one batch
-    max_num_batched_tokens: int = 2048  # small-model tokens per step (prefill chunks + decodes)
+    max_num_batched_tokens: int = 2048  # small-model tokens per step (prefill chunks + decodes; drafts on top)
     max_model_len: int = 2048  # prompt + output tokens of one sequence
 
     def __post_init__(self):

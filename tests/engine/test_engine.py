@@ -187,3 +187,26 @@ def test_speculative_logprobs_are_the_large_models(engine):
         assert [t for t, _ in mine] == [t for t, _ in ref]
         assert max(abs(a - b) for (_, a), (_, b) in zip(mine, ref)) < 1e-4
     check_all_free(engine)
+
+
+@pytest.mark.parametrize("policy", ["small", "entropy", "speculative:3"])
+def test_long_prompts_prefill_in_chunks_within_the_token_budget(engine, pair, policy, mid_entropy):
+    """A per-step budget of 4 small-model tokens against prompts of up to 11: no small forward runs more
+    (speculative sequences too, until their chunk reaches the end and they draft), and the outputs equal
+    those of an engine that prefills each prompt at once. The large model's catch-up is not budgeted."""
+    from collab_decode.engine.scheduler import SchedulerConfig
+
+    policy = f"entropy:{mid_entropy}" if policy == "entropy" else policy
+    chunked = make_engine(*pair, scheduler=SchedulerConfig(max_num_batched_tokens=4))
+    small, sizes = chunked.backends["small"], []
+    forward = small.forward
+
+    def counting_forward(batch):  # the real forward, with each call's token count written down
+        sizes.append(sum(len(c.token_ids) for c in batch.chunks))
+        return forward(batch)
+
+    small.forward = counting_forward
+    results = run_alone(chunked, policy)
+    assert max(sizes) == 4
+    assert [r.token_ids for r in results] == [r.token_ids for r in run_alone(engine, policy)]
+    check_all_free(chunked)
