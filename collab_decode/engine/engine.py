@@ -173,12 +173,15 @@ class Engine:
         rows = [i for i, s in enumerate(seqs) if s.num_cached[SMALL] == s.num_tokens]
         if not rows:
             return proposals, None
-        idx = torch.tensor(rows)
-        sampled, logits = [seqs[i] for i in rows], out.logits[idx, :self.vocab_size]
+        if len(rows) == len(seqs):  # the usual decode step: every row samples, no gather needed
+            sampled, logits, hidden = seqs, out.logits[:, :self.vocab_size], out.hidden
+        else:
+            idx = torch.tensor(rows)
+            sampled, logits, hidden = [seqs[i] for i in rows], out.logits[idx, :self.vocab_size], out.hidden[idx]
         sample = self._sample(logits, sampled)
         for j, seq in enumerate(sampled):
             proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j)
-        view = RouterInputs(sampled, logits, out.hidden[idx], sample.token_ids, self.backends[SMALL].embed)
+        view = RouterInputs(sampled, logits, hidden, sample.token_ids, self.backends[SMALL].embed)
         return proposals, view
 
     def _route(self, proposals: dict[int, "Proposal"], view: RouterInputs | None) -> list[Sequence]:

@@ -61,8 +61,13 @@ class RotaryEmbedding:
                 chunk_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (T, D) for positions (T,); dynamic scaling needs each sequence's length and chunk size."""
         if not self.dynamic:
-            if positions.numel() and int(positions.max()) >= self.cos_table.shape[0]:
-                self._build_table(2 * int(positions.max()) + 1)  # beyond max_position_embeddings
+            # the furthest position: from the lengths when given (no device sync), else from the tensor
+            if seq_lens is not None:
+                last = max(seq_lens, default=0) - 1
+            else:
+                last = int(positions.max()) if positions.numel() else -1
+            if last >= self.cos_table.shape[0]:
+                self._build_table(2 * last + 1)  # beyond max_position_embeddings
             return self.cos_table[positions], self.sin_table[positions]
         freqs = torch.cat([inv_freq(self.config, n).expand(c, -1) for n, c in zip(seq_lens, chunk_lens)])
         angles = positions.float().cpu()[:, None] * freqs  # (T, D/2)
