@@ -57,15 +57,12 @@ class RotaryEmbedding:
         self.cos_table = emb.cos().to(self.device, self.dtype)
         self.sin_table = emb.sin().to(self.device, self.dtype)
 
-    def cos_sin(self, positions: torch.Tensor, seq_lens: list[int] | None = None,
-                chunk_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (T, D) for positions (T,); dynamic scaling needs each sequence's length and chunk size."""
+    def cos_sin(self, positions: torch.Tensor, seq_lens: list[int],
+                chunk_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, D) for positions (T,) of chunks of chunk_lens tokens ending at seq_lens (per sequence:
+        dynamic scaling depends on them, and the longest tells the table's reach without a device sync)."""
         if not self.dynamic:
-            # the furthest position: from the lengths when given (no device sync), else from the tensor
-            if seq_lens is not None:
-                last = max(seq_lens, default=0) - 1
-            else:
-                last = int(positions.max()) if positions.numel() else -1
+            last = max(seq_lens, default=0) - 1  # the furthest position in the batch
             if last >= self.cos_table.shape[0]:
                 self._build_table(2 * last + 1)  # beyond max_position_embeddings
             return self.cos_table[positions], self.sin_table[positions]
