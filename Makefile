@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU build here (the declared requirement in pyproject.toml is a range)
 TORCH ?= torch==2.13.0
 
-.PHONY: setup serve generate test bench clean
+.PHONY: setup serve generate test bench clean mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# Mutation check (not in CI; ~30 minutes): every mutation in tools/mutation/catalog.py must be caught
+mutation: setup
+	$(PY) tools/mutation/run.py

@@ -54,8 +54,10 @@ def demo_tokenizer_dir() -> Path:
     return checkpoint_dir("small")
 
 
-def save_tiny_lm(path: Path, seed: int, hidden: int = 64, layers: int = 2, vocab_size: int | None = None) -> Path:
-    """A tiny random-init Llama with the demo tokenizer's files beside it (an engine-loadable model dir)."""
+def save_tiny_lm(path: Path, seed: int, hidden: int = 64, layers: int = 2, vocab_size: int | None = None,
+                 **overrides) -> Path:
+    """A tiny random-init Llama with the demo tokenizer's files beside it (an engine-loadable model dir).
+    `overrides` go to the config (e.g. initializer_range: larger weights make outputs hang on the context)."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -64,7 +66,7 @@ def save_tiny_lm(path: Path, seed: int, hidden: int = 64, layers: int = 2, vocab
     vocab = vocab_size or len(AutoTokenizer.from_pretrained(str(tok_dir)))
     model = make_hf_model("llama", seed, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                           intermediate_size=2 * hidden, tie_word_embeddings=True, eos_token_id=0,
-                          max_position_embeddings=512)
+                          max_position_embeddings=512, **overrides)
     model.save_pretrained(str(path), safe_serialization=True)
     for name in DEMO_TOKENIZER_FILES:
         if (tok_dir / name).exists():
@@ -72,9 +74,10 @@ def save_tiny_lm(path: Path, seed: int, hidden: int = 64, layers: int = 2, vocab
     return path
 
 
-def make_pair(tmp_path: Path) -> tuple[Path, Path]:
+def make_pair(tmp_path: Path, **overrides) -> tuple[Path, Path]:
     """Tiny small/large models sharing the demo tokenizer (the large has more layers and width)."""
-    return save_tiny_lm(tmp_path / "small", seed=1, hidden=32), save_tiny_lm(tmp_path / "large", seed=2, hidden=64, layers=3)
+    return (save_tiny_lm(tmp_path / "small", seed=1, hidden=32, **overrides),
+            save_tiny_lm(tmp_path / "large", seed=2, hidden=64, layers=3, **overrides))
 
 
 def make_engine(small: Path, large: Path | None = None, compile: bool = False, **config):

@@ -246,8 +246,10 @@ class Engine:
         new_text, stopped = self.detokenizer.update(seq, final=reason is not None)
         if stopped:
             reason = "stop"
-        # step ends are read from all text decoded so far, not from output_text (which holds back characters)
-        seq.policy.observe(seq, seq.decoded_text.endswith(self.config.step_delimiter))
+        # step ends are read from all text decoded so far, not from output_text (which holds back characters);
+        # while a UTF-8 character is incomplete the decoded text is stale and ends no step
+        pending = seq.detok_offsets[1] < seq.num_output_tokens
+        seq.policy.observe(seq, not pending and seq.decoded_text.endswith(self.config.step_delimiter))
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.seqs.pop(seq.seq_id, None)

@@ -1,0 +1,159 @@
+"""The mutations the test suite must catch: each one a plausible bug in the core, written as an exact text
+replacement in one file, with the tests meant to catch it. When the source changes so that a mutation's
+`old` text no longer occurs exactly once, the runner stops and names it: update the entry, don't drop it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutation:
+    id: str
+    area: str  # routing | catch-up | scheduler | kv | speculative | stop | abort | sampling
+    file: str  # relative to the repository root
+    old: str  # text that occurs exactly once in `file`
+    new: str  # what it becomes
+    tests: tuple[str, ...]  # pytest node ids / files run against the mutated copy
+    why: str  # the bug it stands for
+
+
+ENGINE = "collab_decode/engine/engine.py"
+POLICIES = "collab_decode/routing/policies.py"
+SCHEDULER = "collab_decode/engine/scheduler.py"
+SPECULATIVE = "collab_decode/engine/speculative.py"
+SAMPLING = "collab_decode/sampling.py"
+REFERENCE = "tests/engine/test_reference.py"
+SCHED_TESTS = "tests/engine/test_scheduler.py"
+ENGINE_TESTS = "tests/engine/test_engine.py"
+SPEC_TESTS = "tests/engine/test_speculative.py"
+OUTPUT_TESTS = "tests/engine/test_output.py"
+KV_TESTS = ("tests/kvcache",)
+SAMPLING_TESTS = "tests/test_sampling.py"
+
+MUTATIONS: list[Mutation] = [
+    # ---- routing rules -----------------------------------------------------------------------------
+    Mutation("entropy-flipped", "routing", POLICIES,
+             "return entropy(inputs.logits) > self.t", "return entropy(inputs.logits) < self.t",
+             (REFERENCE,), "the entropy rule routes the confident tokens instead of the uncertain ones"),
+    Mutation("confidence-flipped", "routing", POLICIES,
+             "amax(-1) < self.t", "amax(-1) > self.t",
+             (REFERENCE,), "the confidence rule routes the confident tokens"),
+    Mutation("entropy-sign", "routing", POLICIES,
+             "return -(logp.exp() * logp).sum(-1)", "return (logp.exp() * logp).sum(-1)",
+             (REFERENCE,), "entropy computed with the wrong sign (never routes)"),
+    Mutation("random-flipped", "routing", POLICIES,
+             "return torch.tensor(draws) < self.p", "return torch.tensor(draws) >= self.p",
+             (REFERENCE,), "random routing at 1 - p instead of p"),
+    Mutation("step-first-token-small", "routing", POLICIES,
+             "mask[i] = bool(glimpse[i])", "mask[i] = False",
+             (REFERENCE,), "the first token of a large-owned step is written by the small model"),
+    Mutation("step-every-token", "routing", POLICIES,
+             'seq.policy_state["at_step_start"] = text_delimiter_hit',
+             'seq.policy_state["at_step_start"] = True',
+             (REFERENCE,), "step-level routing decides at every token (steps never last)"),
+    # ---- catch-up -----------------------------------------------------------------------------------
+    Mutation("large-skips-catchup", "catch-up", ENGINE,
+             "        out = self._forward(LARGE, routed, [s.num_tokens - s.num_cached[LARGE] for s in routed])",
+             "        for s in routed:\n"
+             "            if s.num_cached[LARGE]:\n"
+             "                s.num_cached[LARGE] = s.num_tokens - 1\n"
+             "        out = self._forward(LARGE, routed, [s.num_tokens - s.num_cached[LARGE] for s in routed])",
+             (REFERENCE,), "the large model skips its catch-up once it holds any cache (writes from a stale KV)"),
+    Mutation("small-skips-catchup", "catch-up", SCHEDULER,
+             "        num_new = min(len(seq.backlog(SMALL)), budget)",
+             "        if seq.num_output_tokens and seq.num_cached[SMALL]:\n"
+             "            seq.num_cached[SMALL] = seq.num_tokens - 1\n"
+             "        num_new = min(len(seq.backlog(SMALL)), budget)",
+             (REFERENCE,), "the small model skips catching up on tokens the large model wrote (step mode)"),
+    # ---- scheduler: admission, budget, preemption ---------------------------------------------------
+    Mutation("admission-ignores-pools", "scheduler", SCHEDULER,
+             "if not all(self.kv[m].can_allocate(seq.seq_id, seq.num_tokens + 1) for m in self._pools_of(seq)):",
+             "if False:",
+             (SCHED_TESTS,), "requests are admitted whether or not the pools can take them"),
+    Mutation("admission-ignores-large-pool", "scheduler", SCHEDULER,
+             'return pools + ([LARGE] if seq.policy.uses_large and LARGE in self.kv else [])',
+             "return pools",
+             (SCHED_TESTS,), "admission checks only the small model's pool"),
+    Mutation("max-num-seqs-ignored", "scheduler", SCHEDULER,
+             "while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:",
+             "while self.waiting and budget > 0:",
+             (SCHED_TESTS,), "the batch grows past max_num_seqs"),
+    Mutation("token-budget-ignored", "scheduler", SCHEDULER,
+             "        num_new = min(len(seq.backlog(SMALL)), budget)",
+             "        num_new = len(seq.backlog(SMALL))",
+             (SCHED_TESTS,), "long prompts prefill at once, past the step's token budget"),
+    Mutation("preempt-oldest", "scheduler", SCHEDULER,
+             "victim = max(holders + [seq], key=lambda s: s.arrival)",
+             "victim = min(holders + [seq], key=lambda s: s.arrival)",
+             (SCHED_TESTS,), "preemption takes the oldest sequence instead of the youngest"),
+    Mutation("preempt-any-pool", "scheduler", SCHEDULER,
+             "if s is not seq and manager.has(s.seq_id) and manager.num_tokens_capacity(s.seq_id) > 0]",
+             "if s is not seq]",
+             (SCHED_TESTS,), "a shortage in one pool preempts sequences that hold nothing in it"),
+    Mutation("preempt-keeps-cache-counts", "scheduler", "collab_decode/engine/sequence.py",
+             "        self.num_cached = {SMALL: 0, LARGE: 0}\n        self.status = Status.WAITING",
+             "        self.status = Status.WAITING",
+             (SCHED_TESTS, REFERENCE), "a preempted sequence believes its caches still hold its tokens"),
+    Mutation("preempt-requeued-last", "scheduler", SCHEDULER,
+             "self.waiting.appendleft(seq)", "self.waiting.append(seq)",
+             (SCHED_TESTS,), "a preempted sequence loses its place to requests that arrived after it"),
+    # ---- KV blocks ----------------------------------------------------------------------------------
+    Mutation("pool-never-returns", "kv", "collab_decode/kvcache/block_pool.py",
+             "                self._free_ids.append(block_id)", "                pass",
+             KV_TESTS + (ENGINE_TESTS,), "freed blocks never return to the free list"),
+    Mutation("truncate-leaks", "kv", "collab_decode/kvcache/manager.py",
+             "        self.pool.free(reversed(table[num_keep:]))\n", "",
+             KV_TESTS + (ENGINE_TESTS,), "a rollback drops blocks from the table without freeing them"),
+    Mutation("free-forgets-nothing", "kv", "collab_decode/kvcache/manager.py",
+             "table = self._tables.pop(seq_id, None)", "table = None",
+             KV_TESTS + (ENGINE_TESTS,), "a finished sequence keeps its blocks"),
+    Mutation("blocks-needed-floor", "kv", "collab_decode/kvcache/manager.py",
+             "return max(0, _ceil_div(num_tokens, self.block_size) - num_held)",
+             "return max(0, num_tokens // self.block_size - num_held)",
+             KV_TESTS + (ENGINE_TESTS,), "a partial last block is not allocated"),
+    Mutation("pool-off-by-one", "kv", "collab_decode/kvcache/block_pool.py",
+             "return 0 <= num_blocks <= len(self._free_ids)", "return 0 <= num_blocks < len(self._free_ids)",
+             KV_TESTS, "the last free block can never be allocated"),
+    # ---- speculative ---------------------------------------------------------------------------------
+    Mutation("spec-greedy-accepts-all", "speculative", SPECULATIVE,
+             "if d != t), len(drafts))", "if False), len(drafts))",
+             (ENGINE_TESTS,), "greedy verification keeps every draft"),
+    # ---- stop handling -------------------------------------------------------------------------------
+    Mutation("stop-token-ids-ignored", "stop", ENGINE,
+             " or last in seq.sampling.stop_token_ids:", ":",
+             (OUTPUT_TESTS,), "stop_token_ids never end a request"),
+    Mutation("eos-inverted", "stop", ENGINE,
+             "if (last in self.eos_token_ids and not seq.sampling.ignore_eos)",
+             "if (last in self.eos_token_ids and seq.sampling.ignore_eos)",
+             (OUTPUT_TESTS, "tests/demo/test_checkpoints.py"), "EOS ends requests only when told to ignore it"),
+    Mutation("max-tokens-off-by-one", "stop", ENGINE,
+             "seq.num_output_tokens >= seq.sampling.max_tokens", "seq.num_output_tokens > seq.sampling.max_tokens",
+             (ENGINE_TESTS,), "one token more than max_tokens"),
+    Mutation("stop-string-across-tokens", "stop", SAMPLING,
+             "index = text_so_far.find(s, max(0, new_text_start - (len(s) - 1)))",
+             "index = text_so_far.find(s, new_text_start)",
+             (SAMPLING_TESTS, OUTPUT_TESTS), "a stop string split across two tokens is missed"),
+    # ---- abort paths ---------------------------------------------------------------------------------
+    Mutation("engine-abort-keeps-blocks", "abort", ENGINE,
+             '            self.scheduler.finish(seq, "abort")',
+             "            seq.status = Status.FINISHED",
+             (ENGINE_TESTS,), "an aborted sequence keeps its blocks and its place in the batch"),
+    Mutation("dropped-stream-not-aborted", "abort", "collab_decode/serve/async_engine.py",
+             "        weakref.finalize(self, engine._abandon, request)\n", "",
+             ("tests/serve/test_async_engine.py",), "a stream dropped without reading it to the end decodes on"),
+    # ---- sampling filters ----------------------------------------------------------------------------
+    Mutation("temperature-ignored", "sampling", SAMPLING,
+             "scaled = logits / temperature[:, None]", "scaled = logits",
+             (SAMPLING_TESTS,), "temperature has no effect"),
+    Mutation("top-k-ignored", "sampling", SAMPLING,
+             "keep = rank[None, :] < top_k[:, None]", "keep = rank[None, :] >= 0",
+             (SAMPLING_TESTS,), "top_k keeps every token"),
+    Mutation("top-p-ignored", "sampling", SAMPLING,
+             "keep &= in_nucleus\n", "",
+             (SAMPLING_TESTS,), "top_p keeps every token"),
+    Mutation("seed-ignored", "sampling", SAMPLING,
+             "noise[row].exponential_(generator=generator)", "noise[row].exponential_()",
+             (SAMPLING_TESTS,), "a request's seed does not make its draws reproducible"),
+]
