@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from collab_decode.backends.base import ModelInput, ModelOutput
-from collab_decode.models.llama import AttentionMetadata, KVCache, LlamaForCausalLM, PrefillChunk
+from collab_decode.models.attention import AttentionMetadata, KVCache, PrefillChunk
 from collab_decode.models.loader import load_model, resolve_dtype
 from collab_decode.models.rope import RotaryEmbedding
 
@@ -20,7 +20,7 @@ from collab_decode.models.rope import RotaryEmbedding
 class NativeBackend:
     """Weights, K/V storage and the forward of one model."""
 
-    def __init__(self, model: LlamaForCausalLM, compile: bool = False):
+    def __init__(self, model: torch.nn.Module, compile: bool = False):
         self.model = model
         # torch.compile fuses the many small ops that dominate a small model's decode step on a CPU.
         # Only decode-only batches (the bulk of generation) take the compiled path, so its graph sees one
@@ -44,7 +44,9 @@ class NativeBackend:
         return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
 
     def init_cache(self, num_blocks: int, block_size: int) -> None:
-        self.cache = KVCache(self.config, num_blocks, block_size, self.device, self.dtype)
+        c = self.config
+        self.cache = KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks, block_size,
+                             self.device, self.dtype)
 
     def release(self, seq_id: int) -> None:
         pass  # blocks are owned by the engine's KVCacheManager

@@ -1,6 +1,7 @@
 """Model configuration: a Hugging Face `config.json` of the Llama family, parsed and validated.
 
-`ModelConfig.from_hf_dict(d)` accepts Llama, Mistral, Qwen2 and Qwen3 configs. Every field in the file
+`ModelConfig.from_hf_dict(d)` accepts the architectures models/registry.py lists (Llama, Mistral, Qwen2,
+Qwen3). Every field in the file
 is either honoured, harmless metadata, or checked to have the one value we implement; anything else
 is refused with an error that names it, so a model never runs with math we silently ignored.
 """
@@ -12,12 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
+from collab_decode.models.registry import ARCHITECTURES
 
 # Fields that do not change the forward pass.
 METADATA_FIELDS = {
@@ -71,7 +67,7 @@ class RopeConfig:
 class ModelConfig:
     """The Llama-family hyperparameters our native implementation runs."""
 
-    architecture: str  # one of ARCHITECTURES' keys
+    architecture: str  # a key of models/registry.py's ARCHITECTURES
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -99,7 +95,7 @@ class ModelConfig:
 
     @property
     def model_type(self) -> str:
-        return ARCHITECTURES[self.architecture]
+        return ARCHITECTURES[self.architecture].model_type
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -109,7 +105,8 @@ class ModelConfig:
             raise ConfigError(f"unsupported architecture {archs!r}; the native backend runs "
                               f"{', '.join(ARCHITECTURES)} (use --backend transformers for others)")
         arch = archs[0]
-        model_type = ARCHITECTURES[arch]
+        spec = ARCHITECTURES[arch]
+        model_type = spec.model_type
         _check_fields(d, model_type)
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in d]
@@ -131,9 +128,9 @@ class ModelConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=model_type in ("llama", "mistral", "qwen3") and attention_bias,
-            qk_norm=model_type == "qwen3",
+            qkv_bias=attention_bias if spec.qkv_bias is None else spec.qkv_bias,
+            o_bias=spec.o_bias_with_attention_bias and attention_bias,
+            qk_norm=spec.qk_norm,
             rope=_rope_config(d),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ()),
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from collab_decode.models.config import ConfigError, ModelConfig
-from collab_decode.models.llama import LlamaForCausalLM, checkpoint_shapes, fuse_checkpoint
+from collab_decode.models.registry import model_class
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
@@ -72,7 +72,7 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def check_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], tied: bool) -> None:
-    expected = checkpoint_shapes(model)
+    expected = model.checkpoint_shapes()
     if tied:
         expected.pop("lm_head.weight", None)  # shares the embedding; a stored copy is ignored
         tensors.pop("lm_head.weight", None)
@@ -91,8 +91,9 @@ def check_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], tied
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
-               ) -> LlamaForCausalLM:
-    """Config + weights of `path` as a native model in eval mode on `device`."""
+               ) -> torch.nn.Module:
+    """Config + weights of `path` as a native model (the registry's class for its architecture) in eval
+    mode on `device`."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
@@ -102,11 +103,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
         raise CheckpointError(f"{path}: {e}") from None
     torch_dtype = resolve_dtype(dtype)
     tensors = read_tensors(weight_files(path))
+    cls = model_class(config.architecture)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = cls(config)
     check_tensors(model, tensors, config.tie_word_embeddings)
-    model = LlamaForCausalLM(config).to(dtype=torch_dtype)  # real storage only once all checks passed
-    model.load_state_dict(fuse_checkpoint({n: t.to(torch_dtype) for n, t in tensors.items()}), strict=False)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model = cls(config).to(dtype=torch_dtype)  # real storage only once all checks passed
+    model.load_checkpoint({n: t.to(torch_dtype) for n, t in tensors.items()})
     return model.to(device).eval().requires_grad_(False)

@@ -141,12 +141,14 @@ def test_errors_raise_before_weights_are_allocated(ckpt, edit, monkeypatch):
     """Validation runs on a meta-device model; a model with real storage is built only for a good checkpoint."""
     built = []
 
-    class Spy(loader.LlamaForCausalLM):
+    from collab_decode.models.llama import LlamaForCausalLM
+
+    class Spy(LlamaForCausalLM):
         def __init__(self, config):
             super().__init__(config)
             built.append(next(self.parameters()).device.type)
 
-    monkeypatch.setattr(loader, "LlamaForCausalLM", Spy)
+    monkeypatch.setattr(loader, "model_class", lambda architecture: Spy)
     edit_tensors(ckpt, edit)
     with pytest.raises(CheckpointError):
         load_model(ckpt)
