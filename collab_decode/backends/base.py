@@ -44,9 +44,13 @@ class ModelOutput:
 
 
 class Backend(Protocol):
-    """What the engine needs from a model."""
+    """What the engine needs from a model: the engine reads these attributes and calls these methods,
+    nothing else."""
 
-    vocab_size: int
+    vocab_size: int  # rows of the logits (may exceed the tokenizer's by padding)
+    hidden_size: int  # width of the hidden states it returns (router features)
+    max_model_len: int  # most tokens of one sequence the model was built for
+    device: torch.device  # where its tensors live (a request's generator is made there)
     eos_token_ids: tuple[int, ...]
 
     def kv_bytes_per_token(self) -> int:

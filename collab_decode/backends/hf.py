@@ -33,10 +33,13 @@ class TransformersBackend:
 
     def __init__(self, model):
         self.model = model.eval()
-        self.config = model.config.get_text_config()  # routing reads config.hidden_size
+        self.config = model.config.get_text_config()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.vocab_size = self.config.vocab_size
+        self.hidden_size = self.config.hidden_size
+        # models with relative positions (no fixed table) have no limit of their own
+        self.max_model_len = getattr(self.config, "max_position_embeddings", None) or 1 << 30
         self.eos_token_ids = _eos_ids(model)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.caches: dict[int, SeqCache] = {}  # seq_id -> its cache

@@ -30,6 +30,8 @@ class NativeBackend:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.vocab_size = self.config.vocab_size
+        self.hidden_size = self.config.hidden_size
+        self.max_model_len = self.config.max_position_embeddings
         self.eos_token_ids = self.config.eos_token_ids
         self.rope = RotaryEmbedding(self.config, self.device, self.dtype)
         self.cache: KVCache | None = None

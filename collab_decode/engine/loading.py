@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from collab_decode.engine.config import EngineConfig
 from collab_decode.engine.engine import Engine
+from collab_decode.pairs import pair_dir
 
 BACKENDS = ("native", "transformers")
 
@@ -49,20 +51,18 @@ def check_same_tokenizer(small_tok, large_tok, small_path, large_path) -> None:
 def resolve_pair(pair: str | None, small: str | None, large: str | None) -> tuple[str | None, str | None]:
     """--pair NAME, or explicit --small/--large directories."""
     if pair is not None:
-        if pair != "demo":
-            raise ValueError(f"unknown pair {pair!r}; shipped pairs: demo")
-        from collab_decode.demo import checkpoint_dir
-
-        return str(checkpoint_dir("small")), str(checkpoint_dir("large"))
+        return str(pair_dir(pair, "small")), str(pair_dir(pair, "large"))
     return small, large
 
 
 def build_engine(small: str | Path, large: str | Path | None = None, backend: str = "native", dtype: str = "float32",
-                 device: str = "cpu", config: EngineConfig | None = None, compile: bool = False) -> Engine:
-    """Check the pair's tokenizers before any weights load, then load both backends."""
+                 device: str = "cpu", config: EngineConfig | None = None, compile: bool = False,
+                 routers: Mapping[str, str | Path] | None = None) -> Engine:
+    """Check the pair's tokenizers before any weights load, then load both backends (and the named neural
+    router checkpoints requests may use)."""
     tokenizer = load_tokenizer(small)
     if large is not None:
         check_same_tokenizer(tokenizer, load_tokenizer(large), small, large)
     small_backend = load_backend(small, backend, dtype, device, compile)
     large_backend = load_backend(large, backend, dtype, device, compile) if large is not None else None
-    return Engine(small_backend, tokenizer, config, large_backend)
+    return Engine(small_backend, tokenizer, config, large_backend, routers)

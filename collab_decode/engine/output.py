@@ -1,11 +1,19 @@
-"""What the engine hands back per step, and incremental detokenization with stop strings."""
+"""Postprocessing: the one place a token is appended to a sequence and a request's end is decided.
+
+    OutputProcessor.append(seq, token, source, sample, row)   token, provenance, logprobs
+    OutputProcessor.stop_reason(seq)                           EOS / stop token / max_tokens / context
+    OutputProcessor.postprocess(seq, num_new) -> RequestOutput detokenize, stop strings, step ends, finish
+
+Token-level steps and speculative verification both commit through these.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
-from collab_decode.engine.sequence import Sequence
-from collab_decode.sampling import check_stop
+from collab_decode.engine.sequence import LARGE, Sequence
+from collab_decode.sampling import SampleOutput, check_stop
 
 
 @dataclass
@@ -72,3 +80,52 @@ def make_output(seq: Sequence, num_new: int, new_text: str) -> RequestOutput:
         finish_reason=seq.finish_reason,
         seq=seq,
     )
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int, step_delimiter: str,
+                 finish: Callable[[Sequence, str], None]):
+        self.detokenizer = Detokenizer(tokenizer)
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.step_delimiter = step_delimiter
+        self.finish = finish  # frees a finished sequence's blocks and forgets it (the engine's)
+
+    def append(self, seq: Sequence, token: int, source: str, sample: SampleOutput, row: int) -> None:
+        """Commit one token that `source` wrote; row `row` of `sample` holds its logprobs if asked."""
+        seq.append(token, source)
+        if seq.router is not None:
+            seq.router.observe(seq.router_state, source == LARGE)
+        if seq.sampling.logprobs is not None:
+            seq.logprobs.append(float(sample.logprobs[row]))
+            if sample.top_ids is not None and seq.sampling.logprobs > 0:
+                n = seq.sampling.logprobs
+                seq.top_logprobs.append(list(zip(sample.top_ids[row, :n].tolist(),
+                                                 sample.top_logprobs[row, :n].tolist())))
+
+    def stop_reason(self, seq: Sequence) -> str | None:
+        """Whether the newest token ends the request ("stop" / "length"), before stop strings."""
+        last = seq.token_ids[-1]
+        if (last in self.eos_token_ids and not seq.sampling.ignore_eos) or last in seq.sampling.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def postprocess(self, seq: Sequence, num_new: int) -> RequestOutput:
+        """After a step committed num_new tokens: detokenize, apply stop strings, track step ends, finish."""
+        reason = self.stop_reason(seq)
+        new_text, stopped = self.detokenizer.update(seq, final=reason is not None)
+        if stopped:
+            reason = "stop"
+        if seq.mode == "step" and self._ends_step(seq):
+            seq.step_owner = None  # the next position starts a step: the router decides again
+        if reason is not None:
+            self.finish(seq, reason)
+        return make_output(seq, num_new, new_text)
+
+    def _ends_step(self, seq: Sequence) -> bool:
+        # read from all text decoded so far, not from output_text (which holds back characters); while a
+        # UTF-8 character is incomplete the decoded text is stale and ends no step
+        pending = seq.detok_offsets[1] < seq.num_output_tokens
+        return not pending and seq.decoded_text.endswith(self.step_delimiter)

@@ -82,13 +82,13 @@ class Scheduler:
         return out
 
     def _pools_of(self, seq: Sequence) -> list[str]:
-        pools = [SMALL] if seq.policy.uses_small else []
-        return pools + ([LARGE] if seq.policy.uses_large and LARGE in self.kv else [])
+        pools = [SMALL] if seq.uses_small else []
+        return pools + ([LARGE] if seq.uses_large and LARGE in self.kv else [])
 
     def _schedule_one(self, seq: Sequence, budget: int, out: ScheduleOutput) -> int:
         if budget <= 0:
             return budget
-        if seq.policy.pre_route(seq):  # the large model writes this token; the small model lags
+        if seq.large_owned:  # the large model writes this token; the small model lags
             out.seqs.append(seq)
             out.num_new_tokens.append(0)
             return budget - 1

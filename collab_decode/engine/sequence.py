@@ -11,6 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from collab_decode.routing import Router, RoutingSpec
 from collab_decode.sampling import SamplingParams
 
 SMALL, LARGE = "small", "large"
@@ -49,8 +50,10 @@ class Sequence:
     prompt_ids: list[int]
     sampling: SamplingParams
     arrival: int  # admission order key: the youngest sequence is preempted first
-    policy: Any = None  # the RoutingPolicy deciding this sequence's tokens
-    policy_state: Any = None  # per-sequence state the routing policy keeps
+    spec: RoutingSpec = RoutingSpec("small")  # how the request asked to be routed; its mode is the decode mode
+    router: Router | None = None  # decides this sequence's tokens (shared by sequences with the same spec)
+    router_state: Any = None  # what the router keeps for this sequence (Router.new_state)
+    step_owner: str | None = None  # step mode: SMALL or LARGE writes the current step; None at a step start
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_cached: dict[str, int] = field(default_factory=lambda: {SMALL: 0, LARGE: 0})
     provenance: list[str] = field(default_factory=list)  # SMALL or LARGE per output token
@@ -83,6 +86,29 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def mode(self) -> str:
+        """token | step | speculative: how the engine decodes this sequence."""
+        return self.spec.mode
+
+    @property
+    def uses_small(self) -> bool:
+        return self.router is None or not self.router.routes_all
+
+    @property
+    def uses_large(self) -> bool:
+        return self.router is None or self.router.uses_large
+
+    @property
+    def large_owned(self) -> bool:
+        """The large model writes the next token without asking the small model (which lags)."""
+        return self.router is not None and (self.router.routes_all or self.step_owner == LARGE)
+
+    @property
+    def lookahead(self) -> int:
+        """KV slots beyond the sequence's tokens a step may need: speculative drafts and the bonus token."""
+        return self.spec.k + 1 if self.mode == "speculative" else 0
 
     @property
     def finished(self) -> bool:

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import torch
 
-from collab_decode.engine.output import RequestOutput
+from collab_decode.engine.output import OutputProcessor, RequestOutput
+from collab_decode.engine.runner import ModelRunner
+from collab_decode.engine.scheduler import Scheduler
 from collab_decode.engine.sequence import LARGE, SMALL, Sequence, Status
 from collab_decode.sampling import logprobs_of, processed_probs
 
 
-def _draft_lengths(engine, seqs: list[Sequence]) -> list[int]:
+def _draft_lengths(seqs: list[Sequence], max_len: int) -> list[int]:
     # never draft past what the request may still emit (the verify step adds one more token)
-    max_len = engine.max_model_len
-    return [max(0, min(s.policy.k, s.sampling.max_tokens - s.num_output_tokens - 1, max_len - s.num_tokens - 1))
+    return [max(0, min(s.spec.k, s.sampling.max_tokens - s.num_output_tokens - 1, max_len - s.num_tokens - 1))
             for s in seqs]
 
 
-def _draft(engine, seqs: list[Sequence], ks: list[int]) -> tuple[list[int], dict[int, list[torch.Tensor]]]:
+def _draft(runner: ModelRunner, seqs: list[Sequence], ks: list[int]) -> tuple[list[int], dict[int, list[torch.Tensor]]]:
     """Append up to k small-model drafts to each sequence; returns base lengths and draft distributions."""
     base = [s.num_tokens for s in seqs]
     draft_probs: dict[int, list[torch.Tensor]] = {s.seq_id: [] for s in seqs}
@@ -33,10 +34,10 @@ def _draft(engine, seqs: list[Sequence], ks: list[int]) -> tuple[list[int], dict
         active = [s for s, k in zip(seqs, ks) if step < k and s.status is Status.RUNNING]
         if not active:
             break
-        out = engine._forward(SMALL, active, [s.num_tokens - s.num_cached[SMALL] for s in active])
-        logits = out.logits[:, :engine.vocab_size]
+        out = runner.forward(SMALL, active, [s.num_tokens - s.num_cached[SMALL] for s in active])
+        logits = out.logits[:, :runner.vocab_size]
         q = processed_probs(logits, [s.sampling for s in active])  # (B, V)
-        tokens = engine.sampler.sample(logits, [s.sampling for s in active], [s.generator for s in active]).token_ids
+        tokens = runner.sample(logits, active).token_ids
         for i, seq in enumerate(active):
             seq.token_ids.append(int(tokens[i]))
             draft_probs[seq.seq_id].append(q[i])
@@ -63,15 +64,17 @@ def _accept(seq: Sequence, drafts: list[int], q: list[torch.Tensor], p: torch.Te
     return kept + [int(torch.multinomial(p[len(drafts)], 1, generator=seq.generator))]
 
 
-def speculative_step(engine, seqs: list[Sequence]) -> list[RequestOutput]:
-    ks = _draft_lengths(engine, seqs)
+def speculative_step(seqs: list[Sequence], runner: ModelRunner, scheduler: Scheduler, output: OutputProcessor
+                     ) -> list[RequestOutput]:
+    """Draft, verify and commit for sequences in speculative mode whose prompt is prefilled."""
+    ks = _draft_lengths(seqs, output.max_model_len)
     for seq, k in zip(seqs, ks):  # small-model room for the backlog and k - 1 fed-back drafts
         if seq.status is Status.RUNNING:
-            engine.scheduler.reserve(SMALL, [seq], [seq.num_tokens + k])
+            scheduler.reserve(SMALL, [seq], [seq.num_tokens + k])
     live = [(s, k) for s, k in zip(seqs, ks) if s.status is Status.RUNNING]
     seqs, ks = [s for s, _ in live], [k for _, k in live]
-    base, draft_probs = _draft(engine, seqs, ks)
-    preempted = engine.scheduler.reserve(LARGE, seqs, [s.num_tokens for s in seqs])
+    base, draft_probs = _draft(runner, seqs, ks)
+    preempted = scheduler.reserve(LARGE, seqs, [s.num_tokens for s in seqs])
     for seq, n in zip(seqs, base):
         if seq in preempted:
             del seq.token_ids[n:]  # drop its drafts; it restarts from its committed tokens
@@ -80,33 +83,31 @@ def speculative_step(engine, seqs: list[Sequence]) -> list[RequestOutput]:
     if not seqs:
         return []
     num_new = [s.num_tokens - s.num_cached[LARGE] for s in seqs]
-    out = engine._forward(LARGE, seqs, num_new, all_positions=True)
+    out = runner.forward(LARGE, seqs, num_new, all_positions=True)
     outputs = []
     for seq, n0, chunk_len in zip(seqs, base, num_new):
         drafts = seq.token_ids[n0:]
-        logits = out.all_logits[seq.seq_id][chunk_len - len(drafts) - 1:, :engine.vocab_size]  # (k+1, V)
+        logits = out.all_logits[seq.seq_id][chunk_len - len(drafts) - 1:, :runner.vocab_size]  # (k+1, V)
         p = processed_probs(logits, [seq.sampling] * logits.shape[0])
         committed = _accept(seq, drafts, draft_probs[seq.seq_id], p)
         del seq.token_ids[n0:]
         seq.stats.num_large_calls += 1
-        outputs.append(_commit(engine, seq, committed, len(committed) - 1, logits))
+        outputs.append(_commit(scheduler, output, seq, committed, len(committed) - 1, logits))
     return outputs
 
 
-def _commit(engine, seq: Sequence, committed: list[int], num_kept: int, logits: torch.Tensor) -> RequestOutput:
+def _commit(scheduler: Scheduler, output: OutputProcessor, seq: Sequence, committed: list[int], num_kept: int, logits: torch.Tensor) -> RequestOutput:
     n0 = seq.num_tokens
     # every committed token was decided by the large model: its logprobs are the large model's
     sample = logprobs_of(logits[:len(committed)].float(), torch.tensor(committed, device=logits.device),
                          [seq.sampling] * len(committed))
     num_new = 0
     for i, token in enumerate(committed):
-        engine._append(seq, token, SMALL if i < num_kept else LARGE, sample, i)
+        output.append(seq, token, SMALL if i < num_kept else LARGE, sample, i)
         num_new += 1
-        if token in engine.eos_token_ids and not seq.sampling.ignore_eos or token in seq.sampling.stop_token_ids:
-            break
-        if seq.num_output_tokens >= seq.sampling.max_tokens:
+        if output.stop_reason(seq) is not None:
             break
     # caches keep only what both agree on: the committed prefix, minus the newest token (not yet fed)
     for model in (SMALL, LARGE):
-        engine.scheduler.truncate(seq, model, min(seq.num_cached[model], n0 + min(num_new, num_kept)))
-    return engine._finish_check(seq, num_new)
+        scheduler.truncate(seq, model, min(seq.num_cached[model], n0 + min(num_new, num_kept)))
+    return output.postprocess(seq, num_new)

@@ -1,52 +1,22 @@
-"""Routing policies, named by strings: small, large, random:p, entropy:t, confidence:t,
-step-entropy:t, neural:PATH[:t], speculative:k."""
+"""Routing: specs users type (`entropy:0.6`), parsed once, and the routers that decide per position.
 
-from __future__ import annotations
+    parse_routing("entropy:0.6") -> RoutingSpec -> build_router(spec, context) -> Router.decide(inputs)
 
-from collab_decode.routing.policies import (ConfidenceRoute, EntropyRoute, LargeOnly, RandomRoute, RouterInputs,
-                                            RoutingPolicy, SmallOnly, Speculative, StepEntropyRoute, entropy)
+Nothing here imports the engine: the engine sits above routing and hands routers plain tensors.
+"""
 
-POLICY_NAMES = ("small", "large", "random", "entropy", "confidence", "step-entropy", "neural", "speculative")
-_FLOAT_POLICIES = {"random": RandomRoute, "entropy": EntropyRoute, "confidence": ConfidenceRoute,
-                   "step-entropy": StepEntropyRoute}
+from collab_decode.routing.policies import Router, RouterContext, RouterInputs, entropy
+from collab_decode.routing.registry import POLICIES, router_class
+from collab_decode.routing.spec import RoutingSpec, parse_routing
 
-
-def parse_policy(spec, engine=None) -> RoutingPolicy:
-    """A policy from its string (`entropy:0.6`); a RoutingPolicy passes through. ValueError if malformed."""
-    if isinstance(spec, RoutingPolicy):
-        return spec
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"routing policy must be a non-empty string, got {spec!r}")
-    name, _, arg = spec.partition(":")
-    if name not in POLICY_NAMES:
-        raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(POLICY_NAMES)}")
-    if name in ("small", "large"):
-        if arg:
-            raise ValueError(f"policy {name!r} takes no argument, got {spec!r}")
-        return SmallOnly() if name == "small" else LargeOnly()
-    if name == "neural":
-        return _neural(arg, engine)
-    if not arg:
-        raise ValueError(f"policy {name!r} needs an argument, e.g. {name}:{'4' if name == 'speculative' else '0.5'}")
-    try:
-        value = int(arg) if name == "speculative" else float(arg)
-    except ValueError:
-        raise ValueError(f"bad argument {arg!r} for policy {name!r}") from None
-    return Speculative(value) if name == "speculative" else _FLOAT_POLICIES[name](value)
+POLICY_NAMES = tuple(POLICIES)
 
 
-def _neural(arg: str, engine) -> RoutingPolicy:
-    from collab_decode.routing.neural import NeuralRoute
+def build_router(spec: RoutingSpec, context: RouterContext | None = None) -> Router | None:
+    """The router of a spec (None for speculative decoding, which has none)."""
+    cls = router_class(spec.policy)
+    return None if cls is None else cls.from_spec(spec, context or RouterContext())
 
-    path, threshold = arg, None
-    head, _, tail = arg.rpartition(":")
-    if head:
-        try:
-            path, threshold = head, float(tail)
-        except ValueError:
-            path = arg
-    if not path:
-        raise ValueError("policy 'neural' needs a router path: neural:PATH[:threshold]")
-    hidden = engine.backends["small"].config.hidden_size if engine is not None and hasattr(
-        engine.backends["small"], "config") else None
-    return NeuralRoute(path, threshold, hidden)
+
+__all__ = ["POLICIES", "POLICY_NAMES", "Router", "RouterContext", "RouterInputs", "RoutingSpec", "build_router",
+           "entropy", "parse_routing"]

@@ -1,55 +1,60 @@
-"""Routing policies: batched rules that decide, from the small model's outputs, where the large model writes.
+"""Routers: batched rules that decide, from the small model's outputs, where the large model writes.
 
-A policy is named by a string a user types (`entropy:0.6`, `step-entropy:1.2`, `neural:router_models/demo`)
-and parsed by `parse_policy`. Per engine step, `decide(inputs)` takes the small model's outputs for
-every sequence using the policy and returns a bool mask: True = the large model emits this token.
-Step-level policies also claim whole steps for the large model (`pre_route`), so the small model
-does not even run for a sequence inside a large-owned step. Policies are stateless objects; what a
-sequence needs to remember lives in its own `policy_state`.
+Per engine step, `decide(inputs)` takes the small model's view of every sequence that needs a decision
+from this router (one call per distinct router per step) and returns a bool mask: True = the large
+model writes this token. Routers are shared by every sequence whose spec names them, so they keep no
+per-sequence data themselves: what a sequence needs (a seeded generator, say) is its `state`, made by
+`new_state` and handed back in `inputs.states`. How decisions become tokens (per token, per step, or
+drafts verified speculatively) is the engine's business, not the router's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from collab_decode.engine.sequence import LARGE, Sequence
-
 
 @dataclass
 class RouterInputs:
-    """The small model's view of each sequence's next position (row i = seqs[i])."""
+    """The small model's view of each sequence's next position (row i = one sequence)."""
 
-    seqs: list[Sequence]
+    states: list[Any]  # each row's router state (Router.new_state)
     logits: torch.Tensor  # (B, V) raw small-model logits
     hidden: torch.Tensor  # (B, hidden) small model's last-layer hidden state at that position
     proposed: torch.Tensor  # (B,) int64 token the small model sampled
     embed: Callable[[torch.Tensor], torch.Tensor]  # token ids (B,) -> small-model input embeddings (B, hidden)
 
 
-class RoutingPolicy:
-    name = "base"
+@dataclass(frozen=True)
+class RouterContext:
+    """What building a router may need from the engine that will run it."""
+
+    hidden_size: int = 0  # the small model's hidden size
+    routers: Mapping[str, Any] = field(default_factory=dict)  # neural routers loaded at start, by name
+
+
+class Router:
     uses_large = True  # needs a large model
-    uses_small = True  # runs the small model (every policy but `large`)
-    lookahead = 0  # extra KV slots a request needs beyond max_tokens (speculative drafts)
-    speculative = False
+    routes_all = False  # the large model writes every token and the small model never runs
+
+    @classmethod
+    def from_spec(cls, spec, context: RouterContext) -> "Router":
+        """The router for a RoutingSpec (its threshold is already range-checked)."""
+        return cls(spec.threshold) if spec.threshold is not None else cls()
 
     def new_state(self, seed: int | None = None) -> Any:
         """Per-sequence state; `seed` is the request's sampling seed (None if unseeded)."""
         return None
 
-    def pre_route(self, seq: Sequence) -> bool:
-        """True if the large model writes this sequence's next token without asking the small model."""
-        return False
-
     def decide(self, inputs: RouterInputs) -> torch.Tensor:
-        """(B,) bool: route to the large model."""
+        """(B,) bool: the large model writes this token."""
         raise NotImplementedError
 
-    def observe(self, seq: Sequence, text_delimiter_hit: bool) -> None:
-        """Called after a token is committed; `text_delimiter_hit`: the output now ends a step."""
+    def observe(self, state: Any, routed: bool) -> None:
+        """Called after each token a sequence commits (`routed`: the large model wrote it)."""
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -58,116 +63,53 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-class SmallOnly(RoutingPolicy):
-    name, uses_large = "small", False
+class SmallOnly(Router):
+    uses_large = False
 
     def decide(self, inputs: RouterInputs) -> torch.Tensor:
-        return torch.zeros(len(inputs.seqs), dtype=torch.bool)
+        return torch.zeros(len(inputs.states), dtype=torch.bool)
 
 
-class LargeOnly(RoutingPolicy):
-    """Every token from the large model (the small model still runs, like any policy's proposer)."""
+class LargeOnly(Router):
+    """Every token from the large model; the small model does not run."""
 
-    name = "large"
-    uses_small = False
-
-    def pre_route(self, seq: Sequence) -> bool:
-        return True
+    routes_all = True
 
     def decide(self, inputs: RouterInputs) -> torch.Tensor:
-        return torch.ones(len(inputs.seqs), dtype=torch.bool)
+        return torch.ones(len(inputs.states), dtype=torch.bool)
 
 
-class RandomRoute(RoutingPolicy):
+class RandomRoute(Router):
     """Route each token with probability p (a baseline at a given large share)."""
 
-    name = "random"
-
     def __init__(self, p: float):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"random:p needs 0 <= p <= 1, got {p}")
         self.p = p
 
     def new_state(self, seed: int | None = None) -> Any:
         # seeded by the request's seed, so a seeded request routes reproducibly; unseeded ones share seed 0
-        return {"rng": torch.Generator().manual_seed(0 if seed is None else seed)}
+        return torch.Generator().manual_seed(0 if seed is None else seed)
 
     def decide(self, inputs: RouterInputs) -> torch.Tensor:
-        draws = [torch.rand((), generator=s.policy_state["rng"]).item() for s in inputs.seqs]
+        draws = [torch.rand((), generator=rng).item() for rng in inputs.states]
         return torch.tensor(draws) < self.p
 
 
-class EntropyRoute(RoutingPolicy):
-    """Route when the small model's next-token entropy (nats) exceeds t."""
-
-    name = "entropy"
+class EntropyRoute(Router):
+    """Route when the small model's next-token entropy (nats) exceeds t. In step mode (step-entropy,
+    GlimpRouter) the engine asks only at the start of each step, and the answer owns the step."""
 
     def __init__(self, t: float):
-        if t < 0:
-            raise ValueError(f"entropy:t needs t >= 0 (nats), got {t}")
         self.t = t
 
     def decide(self, inputs: RouterInputs) -> torch.Tensor:
         return entropy(inputs.logits) > self.t
 
 
-class ConfidenceRoute(RoutingPolicy):
+class ConfidenceRoute(Router):
     """Route when the small model's top-1 probability is below t."""
 
-    name = "confidence"
-
     def __init__(self, t: float):
-        if not 0.0 <= t <= 1.0:
-            raise ValueError(f"confidence:t needs 0 <= t <= 1, got {t}")
         self.t = t
 
     def decide(self, inputs: RouterInputs) -> torch.Tensor:
         return torch.softmax(inputs.logits.float(), dim=-1).amax(-1) < self.t
-
-
-class StepEntropyRoute(RoutingPolicy):
-    """GlimpRouter: at the start of each step, the small model's first-token entropy decides who
-    writes the whole step (the large model if entropy > t). Steps end at the engine's delimiter."""
-
-    name = "step-entropy"
-
-    def __init__(self, t: float):
-        if t < 0:
-            raise ValueError(f"step-entropy:t needs t >= 0 (nats), got {t}")
-        self.t = t
-
-    def new_state(self, seed: int | None = None) -> Any:
-        return {"at_step_start": True, "owner": None}
-
-    def pre_route(self, seq: Sequence) -> bool:
-        state = seq.policy_state
-        return not state["at_step_start"] and state["owner"] == LARGE
-
-    def decide(self, inputs: RouterInputs) -> torch.Tensor:
-        glimpse = entropy(inputs.logits) > self.t
-        mask = torch.zeros(len(inputs.seqs), dtype=torch.bool)
-        for i, seq in enumerate(inputs.seqs):
-            state = seq.policy_state
-            if state["at_step_start"]:
-                state["owner"] = LARGE if bool(glimpse[i]) else "small"
-                mask[i] = bool(glimpse[i])
-        return mask
-
-    def observe(self, seq: Sequence, text_delimiter_hit: bool) -> None:
-        seq.policy_state["at_step_start"] = text_delimiter_hit
-
-
-class Speculative(RoutingPolicy):
-    """Lossless baseline: the small model drafts k tokens, the large model verifies them in one pass."""
-
-    name = "speculative"
-    speculative = True
-
-    def __init__(self, k: int):
-        if not 1 <= k <= 16:
-            raise ValueError(f"speculative:k needs 1 <= k <= 16, got {k}")
-        self.k = k
-        self.lookahead = k + 1
-
-    def decide(self, inputs: RouterInputs) -> torch.Tensor:
-        raise RuntimeError("speculative sequences take the draft/verify path, not decide()")

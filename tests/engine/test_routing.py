@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collab_decode.routing import parse_policy
+from collab_decode.routing import parse_routing
 from collab_decode.routing.neural import RouterMLP, save_router
 from collab_decode.sampling import SamplingParams
 from tests.utils import make_engine
@@ -16,20 +16,34 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 @pytest.mark.parametrize("spec, message", [
     ("entropy", "needs an argument"), ("entropy:abc", "bad argument"), ("entropy:-1", "t >= 0"),
     ("random:1.5", "0 <= p <= 1"), ("confidence:2", "0 <= t <= 1"), ("speculative:0", "1 <= k"),
+    ("speculative:2.5", "whole number"), ("entropy:nan", "finite"), ("entropy:inf", "finite"),
     ("large:3", "takes no argument"), ("oracle:1", "unknown routing policy"), ("", "non-empty"),
-    ("neural:/does/not/exist", "not a router checkpoint"),
+    ("neural:/does/not/exist", "not a router name"), ({"policy": "neural", "path": "/etc"}, "use \"router\""),
+    ({"policy": "entropy", "threshold": "0.5"}, "finite number"), ({"policy": "entropy", "k": 3}, "takes no k"),
 ])
 def test_bad_policy_strings_are_refused(spec, message):
     with pytest.raises(ValueError, match=message):
-        parse_policy(spec)
+        parse_routing(spec)
+
+
+@pytest.mark.parametrize("text, obj", [
+    ("entropy:0.6", {"policy": "entropy", "threshold": 0.6}), ("speculative:4", {"policy": "speculative", "k": 4}),
+    ("neural:demo:0.25", {"policy": "neural", "router": "demo", "threshold": 0.25}), ("large", {"policy": "large"}),
+    ("step-entropy:1.5", {"policy": "step-entropy", "threshold": 1.5}), ("neural:0.5", {"policy": "neural",
+                                                                                     "threshold": 0.5}),
+])
+def test_string_and_object_forms_parse_to_the_same_spec(text, obj):
+    spec = parse_routing(text)
+    assert spec == parse_routing(obj) and parse_routing(str(spec)) == spec
 
 
 def test_neural_router_sees_hidden_embedding_and_top_logits(engine, pair, tmp_path):
-    """The policy's decisions equal the router applied to features computed independently with transformers."""
+    """The policy's decisions equal the router applied to features computed independently with transformers:
+    [last hidden state, embedding of the proposed token, the 8 largest logits in descending order]."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    hidden_size = engine.backends["small"].config.hidden_size
+    hidden_size = engine.backends["small"].hidden_size
     router = RouterMLP(hidden_size, top_k=8, width=16)
     save_router(tmp_path / "router", router, {"hidden_size": hidden_size, "top_k": 8, "width": 16, "num_layers": 2,
                                                "threshold": 0.5})
@@ -42,21 +56,55 @@ def test_neural_router_sees_hidden_embedding_and_top_logits(engine, pair, tmp_pa
         hidden, logits = out.hidden_states[-1][0], out.logits[0]
         positions = range(len(prompt) - 1, len(prompt) + len(small_only) - 1)
         proposed = torch.tensor(small_only)
-        feats = router.features(hidden[list(positions)], hf.get_input_embeddings()(proposed), logits[list(positions)])
+        top = logits[list(positions)].sort(dim=-1, descending=True).values[:, :8]
+        feats = torch.cat([hidden[list(positions)], hf.get_input_embeddings()(proposed), top], dim=-1)
         scores = torch.sigmoid(router(feats))
     threshold = float(scores.median())
-    result = engine.generate([prompt], GREEDY, f"neural:{tmp_path / 'router'}:{threshold}")[0]
+    routed = make_engine(*pair, routers={"mine": tmp_path / "router"})
+    result = routed.generate([prompt], GREEDY, f"neural:mine:{threshold}")[0]
     expected_first_route = int((scores > threshold).nonzero()[0])  # the path is the small model's until then
     first_large = result.provenance.index("large")
     assert first_large == expected_first_route
     assert result.provenance[:first_large] == ["small"] * first_large
 
 
-def test_neural_router_for_another_pair_is_refused(engine, tmp_path):
+def test_neural_router_for_another_pair_is_refused(pair, tmp_path):
     save_router(tmp_path / "r", RouterMLP(7, top_k=4, width=8), {"hidden_size": 7, "top_k": 4, "width": 8,
                                                                   "num_layers": 2})
     with pytest.raises(ValueError, match="trained for another pair"):
-        engine.add_request([1, 2, 3], GREEDY, f"neural:{tmp_path / 'r'}")
+        make_engine(*pair, routers={"r": tmp_path / "r"})
+
+
+def test_neural_routers_are_named_and_unknown_names_refused(engine):
+    with pytest.raises(ValueError, match="no neural router is loaded"):
+        engine.add_request([1, 2, 3], GREEDY, "neural")
+
+
+def test_sequences_sharing_a_spec_share_one_router_asked_once_per_step(pair):
+    """64 sequences routed by "entropy:0.5" (a new string object each): one router object, one decide() call
+    per step, whatever the batch size; a different spec gets its own router."""
+    from collab_decode.routing.policies import EntropyRoute
+
+    engine = make_engine(*pair)
+    calls = []
+    real = EntropyRoute.decide
+
+    def counting_decide(self, inputs):
+        calls.append(len(inputs.states))
+        return real(self, inputs)
+
+    EntropyRoute.decide = counting_decide
+    try:
+        ids = [engine.add_request([5 + i % 50, 17, 42], GREEDY, "entropy:" + "0.5") for i in range(64)]
+        assert len({id(engine.seqs[i].router) for i in ids}) == 1
+        num_steps = 0
+        while engine.has_unfinished():
+            engine.step()
+            num_steps += 1
+    finally:
+        EntropyRoute.decide = real
+    assert len(calls) == num_steps and set(calls) == {64}
+    assert engine.router_for(parse_routing("entropy:0.5")) is not engine.router_for(parse_routing("entropy:0.6"))
 
 
 def test_step_entropy_extremes_equal_the_models_alone(engine):
@@ -139,3 +187,16 @@ def test_step_boundaries_do_not_depend_on_stop_string_hold_back():
         held = engine.generate(prompts, SamplingParams(max_tokens=100, temperature=0.0, stop=("ZZZZZZZZZZ",)),
                                f"step-entropy:{threshold}")
         assert [r.provenance for r in plain] == [r.provenance for r in held]
+
+
+def test_routing_sits_below_the_engine():
+    """Importing routing (and building every router) loads nothing from collab_decode.engine."""
+    import subprocess
+    import sys
+
+    code = ("import sys, collab_decode.routing as r, collab_decode.routing.neural\n"
+            "[r.build_router(r.parse_routing(s)) for s in ('small', 'large', 'random:0.1', 'entropy:1', "
+            "'confidence:0.5', 'step-entropy:1', 'speculative:2')]\n"
+            "print(sorted(m for m in sys.modules if m.startswith('collab_decode.engine')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -13,7 +13,7 @@ import pytest
 from collab_decode.engine.scheduler import Scheduler, SchedulerConfig
 from collab_decode.engine.sequence import LARGE, SMALL, Sequence, Status
 from collab_decode.kvcache import KVCacheManager
-from collab_decode.routing import parse_policy
+from collab_decode.routing import build_router, parse_routing
 from collab_decode.sampling import SamplingParams
 
 BLOCK = 4
@@ -31,8 +31,9 @@ def create_requests(scheduler: Scheduler, prompt_lens: list[int], policy: str = 
     seqs = []
     for n in prompt_lens:
         seq_id = next(_ids)  # also the arrival order: later requests are younger
+        spec = parse_routing(policy)
         seq = Sequence(seq_id, list(range(1, n + 1)), SamplingParams(max_tokens=100), arrival=seq_id,
-                       policy=parse_policy(policy))
+                       spec=spec, router=build_router(spec))
         scheduler.add(seq)
         seqs.append(seq)
     return seqs

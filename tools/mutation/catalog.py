@@ -20,6 +20,7 @@ class Mutation:
 
 
 ENGINE = "collab_decode/engine/engine.py"
+OUTPUT = "collab_decode/engine/output.py"
 POLICIES = "collab_decode/routing/policies.py"
 SCHEDULER = "collab_decode/engine/scheduler.py"
 SPECULATIVE = "collab_decode/engine/speculative.py"
@@ -46,20 +47,19 @@ MUTATIONS: list[Mutation] = [
     Mutation("random-flipped", "routing", POLICIES,
              "return torch.tensor(draws) < self.p", "return torch.tensor(draws) >= self.p",
              (REFERENCE,), "random routing at 1 - p instead of p"),
-    Mutation("step-first-token-small", "routing", POLICIES,
-             "mask[i] = bool(glimpse[i])", "mask[i] = False",
+    Mutation("step-first-token-small", "routing", ENGINE,
+             "proposals[seq.seq_id].routed = routed", 'proposals[seq.seq_id].routed = routed and seq.mode == "token"',
              (REFERENCE,), "the first token of a large-owned step is written by the small model"),
-    Mutation("step-every-token", "routing", POLICIES,
-             'seq.policy_state["at_step_start"] = text_delimiter_hit',
-             'seq.policy_state["at_step_start"] = True',
+    Mutation("step-every-token", "routing", OUTPUT,
+             'if seq.mode == "step" and self._ends_step(seq):', 'if seq.mode == "step":',
              (REFERENCE,), "step-level routing decides at every token (steps never last)"),
     # ---- catch-up -----------------------------------------------------------------------------------
     Mutation("large-skips-catchup", "catch-up", ENGINE,
-             "        out = self._forward(LARGE, routed, [s.num_tokens - s.num_cached[LARGE] for s in routed])",
+             "        out = self.runner.forward(LARGE, routed, [s.num_tokens - s.num_cached[LARGE] for s in routed])",
              "        for s in routed:\n"
              "            if s.num_cached[LARGE]:\n"
              "                s.num_cached[LARGE] = s.num_tokens - 1\n"
-             "        out = self._forward(LARGE, routed, [s.num_tokens - s.num_cached[LARGE] for s in routed])",
+             "        out = self.runner.forward(LARGE, routed, [s.num_tokens - s.num_cached[LARGE] for s in routed])",
              (REFERENCE,), "the large model skips its catch-up once it holds any cache (writes from a stale KV)"),
     Mutation("small-skips-catchup", "catch-up", SCHEDULER,
              "        num_new = min(len(seq.backlog(SMALL)), budget)",
@@ -73,7 +73,7 @@ MUTATIONS: list[Mutation] = [
              "if False:",
              (SCHED_TESTS,), "requests are admitted whether or not the pools can take them"),
     Mutation("admission-ignores-large-pool", "scheduler", SCHEDULER,
-             'return pools + ([LARGE] if seq.policy.uses_large and LARGE in self.kv else [])',
+             'return pools + ([LARGE] if seq.uses_large and LARGE in self.kv else [])',
              "return pools",
              (SCHED_TESTS,), "admission checks only the small model's pool"),
     Mutation("max-num-seqs-ignored", "scheduler", SCHEDULER,
@@ -121,14 +121,14 @@ MUTATIONS: list[Mutation] = [
              "if d != t), len(drafts))", "if False), len(drafts))",
              (ENGINE_TESTS,), "greedy verification keeps every draft"),
     # ---- stop handling -------------------------------------------------------------------------------
-    Mutation("stop-token-ids-ignored", "stop", ENGINE,
+    Mutation("stop-token-ids-ignored", "stop", OUTPUT,
              " or last in seq.sampling.stop_token_ids:", ":",
              (OUTPUT_TESTS,), "stop_token_ids never end a request"),
-    Mutation("eos-inverted", "stop", ENGINE,
+    Mutation("eos-inverted", "stop", OUTPUT,
              "if (last in self.eos_token_ids and not seq.sampling.ignore_eos)",
              "if (last in self.eos_token_ids and seq.sampling.ignore_eos)",
              (OUTPUT_TESTS, "tests/demo/test_checkpoints.py"), "EOS ends requests only when told to ignore it"),
-    Mutation("max-tokens-off-by-one", "stop", ENGINE,
+    Mutation("max-tokens-off-by-one", "stop", OUTPUT,
              "seq.num_output_tokens >= seq.sampling.max_tokens", "seq.num_output_tokens > seq.sampling.max_tokens",
              (ENGINE_TESTS,), "one token more than max_tokens"),
     Mutation("stop-string-across-tokens", "stop", SAMPLING,
@@ -137,8 +137,8 @@ MUTATIONS: list[Mutation] = [
              (SAMPLING_TESTS, OUTPUT_TESTS), "a stop string split across two tokens is missed"),
     # ---- abort paths ---------------------------------------------------------------------------------
     Mutation("engine-abort-keeps-blocks", "abort", ENGINE,
-             '            self.scheduler.finish(seq, "abort")',
-             "            seq.status = Status.FINISHED",
+             '            self._finish(seq, "abort")',
+             "            self.seqs.pop(seq_id)",
              (ENGINE_TESTS,), "an aborted sequence keeps its blocks and its place in the batch"),
     Mutation("dropped-stream-not-aborted", "abort", "collab_decode/serve/async_engine.py",
              "        weakref.finalize(self, engine._abandon, request)\n", "",

@@ -1,0 +1,60 @@
+"""The model runner: turns the engine's sequences into backend batches and samples from the results.
+
+`forward(model, seqs, num_new)` sends each sequence's next `num_new` tokens from that model's
+`num_cached` (the catch-up rule) with its block table, and advances `num_cached`; `sample` picks a token
+per row with each request's own parameters and generator. Time spent in each model is recorded per step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from collab_decode.backends.base import Backend, ModelInput, ModelOutput, SeqChunk
+from collab_decode.engine.sequence import SMALL, Sequence
+from collab_decode.kvcache import KVCacheManager
+from collab_decode.sampling import SampleOutput, Sampler
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent in one step, by part (for the engine-overhead benchmark)."""
+
+    small_forward: float = 0.0
+    large_forward: float = 0.0
+    total: float = 0.0
+
+
+class ModelRunner:
+    def __init__(self, backends: dict[str, Backend], kv: dict[str, KVCacheManager], vocab_size: int):
+        self.backends = backends  # SMALL (and LARGE) -> backend
+        self.kv = kv  # the scheduler's block bookkeeping, per model
+        self.vocab_size = vocab_size  # ids every model and the tokenizer know (padding rows are cut off)
+        self.sampler = Sampler()
+        self.times = StepTimes()
+
+    def forward(self, model: str, seqs: list[Sequence], num_new: list[int], all_positions: bool = False
+                ) -> ModelOutput:
+        """Run `model` on each seq's next num_new tokens from its num_cached; advance num_cached."""
+        chunks = []
+        for seq, n in zip(seqs, num_new):
+            start = seq.num_cached[model]
+            chunks.append(SeqChunk(seq.seq_id, seq.token_ids[start:start + n], start,
+                                   self.kv[model].block_table(seq.seq_id), all_positions))
+        t0 = time.perf_counter()
+        out = self.backends[model].forward(ModelInput(chunks))
+        elapsed = time.perf_counter() - t0
+        if model == SMALL:
+            self.times.small_forward += elapsed
+        else:
+            self.times.large_forward += elapsed
+        for seq, n in zip(seqs, num_new):
+            seq.num_cached[model] += n
+        return out
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
+        """(B, V) logits, row i for seqs[i] -> one token per row under each request's sampling."""
+        logits = logits[:, :self.vocab_size]
+        return self.sampler.sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
