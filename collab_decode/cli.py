@@ -78,16 +78,18 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from collab_decode.sampling import SamplingParams
 
-    engine = engine_from_args(args, policy_needs_large=args.policy not in ("small",))
-    prompt = args.prompt
-    if args.chat:
-        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
-    prompt_ids = engine.tokenizer(prompt, add_special_tokens=not args.chat)["input_ids"]
+    policy = args.policy or args.default_policy  # --default-policy counts when --policy is not given
+    engine = engine_from_args(args, policy_needs_large=policy not in ("small",))
+    if args.chat:  # the server's tokenization of a chat, so `generate --chat` and the API agree
+        from collab_decode.serve.requests import chat_prompt_ids
+
+        prompt_ids = chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = engine.tokenizer(args.prompt, add_special_tokens=True)["input_ids"]
     max_tokens = args.max_tokens if args.max_tokens is not None else engine.max_tokens_left(len(prompt_ids))
     sampling = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
-    result = engine.generate([prompt_ids], sampling, args.policy)[0]
+    result = engine.generate([prompt_ids], sampling, policy)[0]
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "provenance": result.provenance,
                           "finish_reason": result.finish_reason, "stats": result.stats}))
@@ -99,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pieces.append(f"{HIGHLIGHT}{piece}{RESET}" if source == "large" and piece else piece)
     print("".join(pieces))
     s = result.stats
-    print(f"\n[{args.policy}] {len(result.token_ids)} tokens: {s['small_tokens']} small, {s['large_tokens']} large "
+    print(f"\n[{policy}] {len(result.token_ids)} tokens: {s['small_tokens']} small, {s['large_tokens']} large "
           f"(large share {s['large_share']:.1%}, {s['large_calls']} large calls, {s['catchup_tokens']} catch-up tokens)"
           f"; finish: {result.finish_reason}" + (f"; {HIGHLIGHT}highlighted{RESET} = large model" if s['large_tokens'] else ""))
     return 0
@@ -113,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--policy", default="small",
+    gen.add_argument("--policy", default=None,
                      help="small | large | random:p | entropy:t | confidence:t | step-entropy:t | "
-                          "neural:PATH[:t] | speculative:k (default: small)")
+                          "neural:PATH[:t] | speculative:k (default: --default-policy)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, provenance, stats")
     gen.set_defaults(func=cmd_generate)

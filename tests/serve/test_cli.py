@@ -9,9 +9,14 @@ import subprocess
 import sys
 
 import httpx
+import pytest
+import torch
 
-from collab_decode.cli import build_parser
-from collab_decode.serve.cli import resolve_defaults, served_model_name
+from collab_decode.cli import build_parser, main
+from collab_decode.serve.cli import API_KEY_ENV, resolve_defaults, served_model_name
+from collab_decode.serve.requests import ServedModel
+from collab_decode.serve.server import ServeConfig
+from tests.utils import make_pair
 
 
 def test_serve_flags_and_defaults():
@@ -23,6 +28,90 @@ def test_serve_flags_and_defaults():
     assert args.pair is None and served_model_name(args) == "tiny+big"
     args = resolve_defaults(build_parser().parse_args(["serve", "--model", "/m/one", "--max-queue", "4"]))
     assert args.default_policy == "small" and served_model_name(args) == "one" and args.max_queue == 4
+
+
+class RecordingServer:
+    """Stands in for the network servers only: keeps what `serve` built (engine, model, config), then returns
+    as a server does after SIGTERM. The engine is real."""
+
+    built: list["RecordingServer"] = []
+
+    def __init__(self, engine, model, config):
+        self.engine, self.model, self.config = engine, model, config
+        self.port, self.grpc_port = config.port, config.grpc_port
+        RecordingServer.built.append(self)
+
+    async def run_until_signal(self, announce=None):
+        announce(self)
+
+
+@pytest.fixture
+def serve(monkeypatch, capsys):
+    """Run `collab-decode serve ARGS` in this process; returns (what it built, what it printed)."""
+    monkeypatch.setattr("collab_decode.serve.server.Server", RecordingServer)
+
+    def run(*args):
+        assert main(["serve", *map(str, args)]) == 0
+        return RecordingServer.built[-1], capsys.readouterr().out
+    return run
+
+
+def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, tmp_path):
+    from collab_decode.backends.hf import TransformersBackend
+    from collab_decode.backends.native import NativeBackend
+    from collab_decode.demo import checkpoint_dir
+
+    small, large = make_pair(tmp_path)
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    server, printed = serve(
+        "--small", small, "--large", large, "--backend", "transformers", "--dtype", "bfloat16", "--device", "cpu",
+        "--block-size", 8, "--small-kv-bytes", 3, "--large-kv-bytes", 5, "--default-policy", "entropy:0.5",
+        "--step-delimiter", ";", "--max-num-seqs", 5, "--max-num-batched-tokens", 77, "--max-model-len", 100,
+        "--host", "0.0.0.0", "--port", 1234, "--grpc-port", 4321, "--api-key", "k", "--max-queue", 7,
+        "--served-model-name", "mine", "--router", "r1", "--router", "r2", "--log-level", "debug")
+    assert server.config == ServeConfig(host="0.0.0.0", port=1234, grpc_port=4321, api_key="k", max_queue=7,
+                                        log_level="debug")
+    assert server.model == ServedModel(name="mine", small_dir=str(small), large_dir=str(large), routers=("r1", "r2"))
+    engine = server.engine
+    assert set(engine.backends) == {"small", "large"}
+    for backend in engine.backends.values():
+        assert isinstance(backend, TransformersBackend) and backend.dtype == torch.bfloat16
+        assert backend.device.type == "cpu"
+    c = engine.config
+    assert (c.block_size, c.small_kv_bytes, c.large_kv_bytes, c.default_policy, c.step_delimiter) == \
+        (8, 3 << 20, 5 << 20, "entropy:0.5", ";")
+    assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens, c.scheduler.max_model_len) == (5, 77, 100)
+    assert "serving 'mine' (default policy entropy:0.5): REST http://0.0.0.0:1234/v1, gRPC 0.0.0.0:4321; " \
+           "API key required" in printed
+    # one model, compiled; the API key from the environment; every server default
+    server, printed = serve("--model", small, "--compile")
+    assert server.config == ServeConfig(api_key="from-env")
+    assert server.model == ServedModel(name="small", small_dir=str(small), large_dir=None)
+    backend = server.engine.backends["small"]
+    assert isinstance(backend, NativeBackend) and backend._compiled is not None and len(server.engine.backends) == 1
+    assert server.engine.config.default_policy == "small"
+    # no model named: the demo pair, under its default policy
+    monkeypatch.delenv(API_KEY_ENV)
+    for args in ((), ("--pair", "demo")):
+        server, printed = serve(*args)
+        assert server.model == ServedModel(name="demo", small_dir=str(checkpoint_dir("small")),
+                                           large_dir=str(checkpoint_dir("large")))
+        assert server.config == ServeConfig() and server.engine.config.default_policy == "entropy:0.009"
+        assert "; API key required" not in printed
+
+
+SERVE_FLAGS_CHECKED = {
+    "--model", "--pair", "--small", "--large", "--backend", "--dtype", "--device", "--compile", "--block-size",
+    "--small-kv-bytes", "--large-kv-bytes", "--default-policy", "--step-delimiter", "--max-num-seqs",
+    "--max-num-batched-tokens", "--max-model-len", "--host", "--port", "--grpc-port", "--api-key", "--max-queue",
+    "--served-model-name", "--router", "--log-level", "--help",
+}
+
+
+def test_every_serve_flag_is_checked_here():
+    """A new flag of `serve` fails this until the test above checks where it goes and it joins the list."""
+    parser = build_parser()._subparsers._group_actions[0].choices["serve"]
+    assert {s for a in parser._actions for s in a.option_strings if s.startswith("--")} == SERVE_FLAGS_CHECKED
 
 
 def test_serve_process_answers_and_stops_on_sigterm():
