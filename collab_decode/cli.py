@@ -3,65 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
-from collab_decode.engine.config import MIB, EngineConfig
-from collab_decode.engine.scheduler import SchedulerConfig
+from collab_decode.engine.args import add_engine_args, engine_from_args
 
 HIGHLIGHT, RESET = "\x1b[1;30;43m", "\x1b[0m"  # large-model tokens: black on yellow
-
-ENGINE_HELP = {
-    "block_size": "tokens per KV-cache block",
-    "small_kv_bytes": "KV-cache memory for the small model, in MiB",
-    "large_kv_bytes": "KV-cache memory for the large model, in MiB",
-    "default_policy": "routing policy for requests that name none",
-    "step_delimiter": "text that ends a reasoning step (step-level policies)",
-    "max_num_seqs": "most sequences in one batch",
-    "max_num_batched_tokens": "most small-model tokens per engine step (longer prompts are prefilled in chunks)",
-    "max_model_len": "most tokens (prompt + output) of one sequence",
-}
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Model selection, plus one flag per EngineConfig / SchedulerConfig field."""
-    g = parser.add_argument_group("models")
-    g.add_argument("--model", help="a single model directory (Hugging Face format)")
-    g.add_argument("--pair", help="a shipped pair by name: demo")
-    g.add_argument("--small", help="small model directory of a pair")
-    g.add_argument("--large", help="large model directory of a pair")
-    g.add_argument("--backend", default="native", choices=["native", "transformers"], help="model implementation")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    g.add_argument("--compile", action="store_true",
-                   help="run decode steps through torch.compile (native backend; ~1 minute to compile on first use)")
-    e = parser.add_argument_group("engine")
-    for cls in (EngineConfig, SchedulerConfig):
-        for f in dataclasses.fields(cls):
-            if f.name == "scheduler":
-                continue
-            default = f.default // MIB if f.name.endswith("_bytes") else f.default
-            e.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default,
-                           help=f"{ENGINE_HELP[f.name]} (default: {default!r})")
-
-
-def engine_from_args(args: argparse.Namespace, policy_needs_large: bool = True):
-    from collab_decode.engine.loading import build_engine, resolve_pair
-
-    small, large = resolve_pair(args.pair, args.small, args.large)
-    if args.model:
-        if small or large:
-            raise SystemExit("error: give either --model or a pair (--pair / --small and --large), not both")
-        small = args.model
-    if small is None:
-        raise SystemExit("error: no model: give --model DIR, --pair demo, or --small DIR --large DIR")
-    scheduler = SchedulerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SchedulerConfig)})
-    config = EngineConfig(
-        block_size=args.block_size, small_kv_bytes=args.small_kv_bytes * MIB, large_kv_bytes=args.large_kv_bytes * MIB,
-        default_policy=args.default_policy, step_delimiter=args.step_delimiter, scheduler=scheduler)
-    return build_engine(small, large if policy_needs_large else None, args.backend, args.dtype, args.device, config,
-                        args.compile)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,8 @@ import sys
 import pytest
 import torch
 
-from collab_decode.cli import HIGHLIGHT, RESET, build_parser, engine_from_args, main
+from collab_decode.cli import HIGHLIGHT, RESET, build_parser, main
+from collab_decode.engine.args import engine_from_args
 from tests.utils import make_pair, save_tiny_lm
 
 PROMPT = "Ann has 3"  # the tiny small and large models continue it differently
@@ -189,29 +190,31 @@ def test_context_and_cache_limits(capsys, pair, demo):
 
     m = len(prompt_ids(large, chat))
     assert m < capacity(1, 100) < capacity(1) < capacity(2) < 512  # all below the model's context
-    for flags, fits in [(("--small-kv-bytes", 1), capacity(1)), (("--small-kv-bytes", 2), capacity(2)),
-                        (("--small-kv-bytes", 1, "--block-size", 100), capacity(1, 100))]:
+    for flags, fits in [(("--small-kv-mib", 1), capacity(1)), (("--small-kv-mib", 2), capacity(2)),
+                        (("--small-kv-mib", 1, "--block-size", 100), capacity(1, 100))]:
         code, _, err = cli(capsys, "generate", "--model", large, "--prompt", chat, "--max-tokens", fits - m, *flags)
         assert code == 0, (flags, err)
         code, _, err = cli(capsys, "generate", "--model", large, "--prompt", chat, "--max-tokens", fits + 1 - m, *flags)
         assert code == 2 and "more KV cache than the pools hold" in err, (flags, err)
     for total, code_expected in ((capacity(1), 0), (capacity(1) + 1, 2)):  # the large model's pool alike
         code, _, err = cli(capsys, "generate", "--pair", "demo", "--policy", "large", "--prompt", chat,
-                           "--max-tokens", total - m, "--large-kv-bytes", 1)
+                           "--max-tokens", total - m, "--large-kv-mib", 1)
         assert code == code_expected and (code == 0 or "more KV cache than the pools hold" in err), err
 
 
-def test_engine_flags_reach_the_engine(pair):
+def test_engine_flags_reach_the_engine(pair, tmp_path):
     """Flags whose effect a single prompt cannot show: the engine engine_from_args builds carries them."""
     from collab_decode.backends.hf import TransformersBackend
     from collab_decode.backends.native import NativeBackend
 
+    routers = save_routers(tmp_path, 32, "one", "two")
     args = build_parser().parse_args([
         "generate", "--small", str(pair[0]), "--large", str(pair[1]), "--prompt", "x", "--backend", "transformers",
-        "--dtype", "bfloat16", "--block-size", "8", "--small-kv-bytes", "3", "--large-kv-bytes", "5",
+        "--dtype", "bfloat16", "--block-size", "8", "--small-kv-mib", "3", "--large-kv-mib", "5",
         "--max-num-seqs", "5", "--max-num-batched-tokens", "77", "--max-model-len", "100", "--step-delimiter", ";",
-        "--default-policy", "entropy:0.5"])
+        "--default-policy", "entropy:0.5", "--router", f"first={routers[0]}", "--router", str(routers[1])])
     engine = engine_from_args(args)
+    assert list(engine.router_context.routers) == ["first", "two"]  # NAME=DIR, or the directory's name
     assert all(isinstance(b, TransformersBackend) and b.dtype == torch.bfloat16 for b in engine.backends.values())
     c = engine.config
     assert (c.block_size, c.small_kv_bytes, c.large_kv_bytes, c.step_delimiter, c.default_policy) == \
@@ -233,10 +236,22 @@ def test_engine_flags_reach_the_engine(pair):
 
 GENERATE_FLAGS_CHECKED = {
     "--model", "--pair", "--small", "--large", "--backend", "--dtype", "--device", "--compile", "--block-size",
-    "--small-kv-bytes", "--large-kv-bytes", "--default-policy", "--step-delimiter", "--max-num-seqs",
+    "--small-kv-mib", "--large-kv-mib", "--default-policy", "--step-delimiter", "--max-num-seqs",
     "--max-num-batched-tokens", "--max-model-len", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed",
-    "--stop", "--prompt", "--policy", "--chat", "--json", "--help",
+    "--stop", "--prompt", "--policy", "--chat", "--json", "--help", "--router",
 }
+
+
+def save_routers(tmp_path, hidden_size: int, *names: str) -> list:
+    """Tiny random neural router checkpoints for a small model of `hidden_size`."""
+    from collab_decode.routing.neural import RouterMLP, save_router
+
+    paths = []
+    for name in names:
+        save_router(tmp_path / name, RouterMLP(hidden_size, top_k=4, width=8),
+                    {"hidden_size": hidden_size, "top_k": 4, "width": 8, "num_layers": 2})
+        paths.append(tmp_path / name)
+    return paths
 
 
 def test_every_generate_flag_is_checked_here():

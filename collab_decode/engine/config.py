@@ -1,4 +1,8 @@
-"""Engine configuration, one frozen dataclass per concern, validated on construction."""
+"""Engine configuration, one frozen dataclass per concern, validated on construction.
+
+Each field's `help` metadata is the documentation of its command-line flag (engine/args.py derives the
+flags from these dataclasses); `unit` scales a flag's value into the field's (memory flags are in MiB).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,19 @@ from collab_decode.engine.scheduler import SchedulerConfig
 MIB = 1 << 20
 
 
+def _doc(help: str, unit: int | None = None) -> dict:
+    return {"help": help, "unit": unit}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    block_size: int = 16  # tokens per KV block
-    small_kv_bytes: int = 256 * MIB  # KV cache memory granted to the small model
-    large_kv_bytes: int = 256 * MIB  # KV cache memory granted to the large model
-    default_policy: str = "small"  # routing policy for requests that name none (see routing/)
-    step_delimiter: str = "\n\n"  # what ends a reasoning step (step-level policies)
+    block_size: int = field(default=16, metadata=_doc("tokens per KV-cache block"))
+    small_kv_bytes: int = field(default=256 * MIB, metadata=_doc("KV-cache memory for the small model", MIB))
+    large_kv_bytes: int = field(default=256 * MIB, metadata=_doc("KV-cache memory for the large model", MIB))
+    default_policy: str = field(default="small", metadata=_doc(
+        "routing policy for requests that name none: small | large | random:p | entropy:t | confidence:t | "
+        "step-entropy:t | neural[:NAME][:t] | speculative:k"))
+    step_delimiter: str = field(default="\n\n", metadata=_doc("text that ends a reasoning step (step-level policies)"))
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self):

@@ -19,9 +19,11 @@ from collab_decode.kvcache import KVCacheManager
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64  # sequences in one batch
-    max_num_batched_tokens: int = 2048  # small-model tokens per step (prefill chunks + decodes; drafts on top)
-    max_model_len: int = 2048  # prompt + output tokens of one sequence
+    max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one batch"})
+    max_num_batched_tokens: int = field(default=2048, metadata={
+        "help": "most small-model tokens per engine step (longer prompts are prefilled in chunks; drafts on top)"})
+    max_model_len: int = field(default=2048, metadata={
+        "help": "most tokens (prompt + output) of one sequence (capped by what the models were built for)"})
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):

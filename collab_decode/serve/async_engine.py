@@ -23,15 +23,13 @@ import logging
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from collab_decode.routing import parse_policy
+from collab_decode.routing import RoutingSpec
 from collab_decode.sampling import SamplingParams
 from collab_decode.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
-_POLICY_CACHE_SIZE = 64  # parsed policies kept (a neural router loads its weights once per spec)
 
 
 class EngineBusy(Exception):
@@ -61,7 +59,7 @@ class Delta:
 class _Request:
     prompt_ids: list[int]
     sampling: SamplingParams
-    routing: str | None
+    routing: RoutingSpec | str | None  # None: the engine's default policy
     accepted: asyncio.Future  # resolves when the engine has queued the request (or raises its error)
     outputs: asyncio.Queue  # Delta | Exception, in order
     closed: bool = False  # loop side: finished, failed or aborted (its admission slot is free again)
@@ -138,7 +136,6 @@ class AsyncEngine:
         self._cond = threading.Condition()
         self._stopping = False
         self._active: dict[int, _Request] = {}  # seq_id -> request; engine thread only
-        self._policies: OrderedDict[str, object] = OrderedDict()  # engine thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -158,7 +155,7 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join)
 
     async def add_request(self, prompt_ids: list[int], sampling: SamplingParams,
-                          routing: str | None = None) -> RequestStream:
+                          routing: RoutingSpec | str | None = None) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it.
 
         Raises EngineBusy past max_queue, ValueError for a request the engine refuses (empty or too
@@ -239,8 +236,7 @@ class AsyncEngine:
 
     def _add(self, request: _Request) -> None:
         try:
-            policy = self._policy(request.routing)
-            request.seq_id = self.engine.add_request(request.prompt_ids, request.sampling, policy)
+            request.seq_id = self.engine.add_request(request.prompt_ids, request.sampling, request.routing)
         except Exception as e:  # ValueError: the request's fault; anything else: reported, not fatal
             if not isinstance(e, ValueError):
                 log.exception("add_request failed")
@@ -248,16 +244,6 @@ class AsyncEngine:
             return
         self._active[request.seq_id] = request
         self._post(_settle, request.accepted, None)
-
-    def _policy(self, spec: str | None):
-        """The parsed policy for `spec` (None: the engine default), shared by requests naming it."""
-        spec = spec or self.engine.config.default_policy
-        if spec not in self._policies:
-            self._policies[spec] = parse_policy(spec, self.engine)
-            if len(self._policies) > _POLICY_CACHE_SIZE:
-                self._policies.popitem(last=False)
-        self._policies.move_to_end(spec)
-        return self._policies[spec]
 
     def _abort(self, request: _Request) -> None:
         if request.seq_id is not None and self._active.pop(request.seq_id, None) is not None:

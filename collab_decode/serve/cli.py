@@ -15,7 +15,7 @@ PAIR_DEFAULT_POLICY = "entropy:0.009"  # a pair with no policy named: ~15% large
 
 
 def add_serve_parser(sub) -> None:
-    from collab_decode.cli import add_engine_args
+    from collab_decode.engine.args import add_engine_args
 
     serve = sub.add_parser(
         "serve", help="serve a model pair over OpenAI-compatible REST and gRPC",
@@ -42,9 +42,6 @@ def add_serve_parser(sub) -> None:
                    help=f"most requests in flight before HTTP 429 / RESOURCE_EXHAUSTED (default: {ServeConfig.max_queue})")
     s.add_argument("--served-model-name", default=None,
                    help="the model name requests use (default: the pair's name, or the model directories' names)")
-    s.add_argument("--router", action="append", default=[],
-                   help="a neural router checkpoint requests may use (repeatable; the first is the default for "
-                        '{"policy": "neural"})')
     s.add_argument("--log-level", default=ServeConfig.log_level, choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=cmd_serve)
 
@@ -69,9 +66,9 @@ def served_model_name(args: argparse.Namespace) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from collab_decode.cli import engine_from_args
-    from collab_decode.routing import parse_policy
-    from collab_decode.serve.requests import ServedModel, neural_router_path
+    from collab_decode.engine.args import engine_from_args
+    from collab_decode.routing import parse_routing
+    from collab_decode.serve.requests import ServedModel
     from collab_decode.serve.server import Server
 
     resolve_defaults(args)
@@ -79,12 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                          max_queue=args.max_queue, log_level=args.log_level)
     engine = engine_from_args(args)
-    parse_policy(args.default_policy, engine)  # a bad default fails now, not on the first request
-    routers = list(args.router)
-    if args.default_policy.startswith("neural:"):
-        routers.append(neural_router_path(args.default_policy)[0])
+    engine.router_for(parse_routing(args.default_policy))  # a bad default fails now, not on the first request
+    routers = tuple(engine.router_context.routers)  # names; requests never see paths
     small, large = engine_dirs(args)
-    model = ServedModel(name=served_model_name(args), small_dir=str(small), large_dir=large, routers=tuple(routers))
+    model = ServedModel(name=served_model_name(args), small_dir=str(small), large_dir=large, routers=routers)
 
     def announce(server: Server) -> None:
         print(f"collab-decode: serving {model.name!r} (default policy {args.default_policy}): "

@@ -83,7 +83,7 @@ class CollabDecodeService(pb_grpc.CollabDecodeServicer):
             prompt_ids = chat_prompt_ids(self.tokenizer, messages)
         else:
             raise ValueError("the request has no prompt: set text, token_ids or chat")
-        return prompt_ids, _sampling(request.sampling), routing_spec(request.routing or None, self.model)
+        return prompt_ids, _sampling(request.sampling), routing_spec(request.routing or None)
 
     async def _check_key(self, context) -> None:
         if self.api_key is None:

@@ -84,7 +84,7 @@ class _Routes:
             prompt_ids = text_prompt_ids(self.tokenizer, prompt) if isinstance(prompt, str) else prompt
             max_tokens = protocol.COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
             sampling = req.sampling_params(max_tokens, req.logprobs)
-            routing = routing_spec(req.routing, self.model)
+            routing = routing_spec(req.routing)
         stream = await self._start(prompt_ids, sampling, routing)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model.name}
@@ -112,7 +112,7 @@ class _Routes:
             if max_tokens is None:  # OpenAI's default: whatever context is left
                 max_tokens = self.engine.engine.max_tokens_left(len(prompt_ids))
             sampling = req.sampling_params(max_tokens, req.engine_logprobs())
-            routing = routing_spec(req.routing, self.model)
+            routing = routing_spec(req.routing)
         stream = await self._start(prompt_ids, sampling, routing)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model.name}
 

@@ -1,7 +1,7 @@
 """OpenAI-compatible request schemas (strictly typed: "5" is not a number) and response pieces.
 
 Standard fields follow OpenAI's API; extensions (vLLM's where one exists):
-  routing            "entropy:0.6" or {"policy": "entropy", "threshold": 0.6} (speculative: "k"; neural: "path")
+  routing            "entropy:0.6" or {"policy": "entropy", "threshold": 0.6} (speculative: "k"; neural: "router")
   return_provenance  true: each choice also carries `token_ids` and `provenance` ("small"/"large" per token)
   top_k, ignore_eos, stop_token_ids
 `usage` gains small_tokens, large_tokens, large_share and large_calls.

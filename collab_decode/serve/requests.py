@@ -3,13 +3,12 @@ the model-name check. Everything here raises InvalidRequest (a ValueError) for t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from pathlib import Path
+
+from collab_decode.routing import RoutingSpec, parse_routing
 
 CHAT_ROLES = ("system", "user", "assistant")
 _ROLE_ALIASES = {"developer": "system"}  # what newer OpenAI clients send instead of "system"
-_ROUTING_KEYS = ("policy", "threshold", "k", "path")
 
 
 class InvalidRequest(ValueError):
@@ -28,7 +27,7 @@ class ServedModel:
     name: str  # the model name requests use
     small_dir: str
     large_dir: str | None
-    routers: tuple[str, ...] = ()  # neural router checkpoints requests may use; the first is the default
+    routers: tuple[str, ...] = ()  # names of the neural routers requests may use; the first is the default
 
     def check_name(self, requested: str | None) -> None:
         if requested and requested != self.name:
@@ -42,7 +41,11 @@ def text_prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """[{"role", "content"}] -> token ids of the chat template, ending in the assistant's turn."""
+    """[{"role", "content"}] -> token ids of the chat template, ending in the assistant's turn.
+
+    The rendered template already holds whatever special tokens it wants (often a BOS): it is tokenized
+    without adding the tokenizer's own, as vLLM and Hugging Face's apply_chat_template(tokenize=True) do.
+    """
     if not messages:
         raise InvalidRequest("messages must hold at least one message", param="messages")
     rendered = []
@@ -58,87 +61,16 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
         text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # a template may refuse a conversation (e.g. roles out of order)
         raise InvalidRequest(f"the chat template refused these messages: {e}", param="messages") from None
-    return text_prompt_ids(tokenizer, text)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def routing_spec(routing: str | dict | None, model: ServedModel) -> str | None:
-    """The routing extension -> a policy string the engine parses (None: the server's default).
-
-    Takes the engine's own string ("entropy:0.6") or an object {"policy": "entropy", "threshold": 0.6};
-    for speculative the number is k ({"policy": "speculative", "k": 4}); for neural, "path" may name
-    one of the server's routers (default: the first). Range checks are the policy's own (engine side).
-    """
+def routing_spec(routing: str | dict | None) -> RoutingSpec | None:
+    """The routing extension ("entropy:0.6" or {"policy": "entropy", "threshold": 0.6}) -> a RoutingSpec,
+    parsed by the one parser the CLI and the engine use (None: the server's default). Neural routers are
+    named ({"policy": "neural", "router": "demo"}); whether the name is loaded is the engine's check."""
     if routing is None:
         return None
-    spec = routing if isinstance(routing, str) else _spec_from_object(routing, model)
-    name, _, arg = spec.partition(":")
-    if name == "neural":
-        return _check_router(spec, model)
-    if arg and not _finite(arg):
-        raise InvalidRequest(f"routing threshold must be a finite number, got {arg!r}", param="routing")
-    return spec
-
-
-def _finite(text: str) -> bool:
     try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return True  # not a number at all: the policy parser names the problem
-
-
-def _spec_from_object(routing: dict, model: ServedModel) -> str:
-    unknown = sorted(set(routing) - set(_ROUTING_KEYS))
-    if unknown:
-        raise InvalidRequest(f"unknown routing field(s) {unknown}; known: {', '.join(_ROUTING_KEYS)}",
-                             param="routing")
-    policy = routing.get("policy")
-    if not isinstance(policy, str) or not policy:
-        raise InvalidRequest(f"routing.policy must be a policy name, got {policy!r}", param="routing.policy")
-    number = routing.get("k") if routing.get("k") is not None else routing.get("threshold")
-    if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))
-                               or not math.isfinite(number)):
-        raise InvalidRequest(f"routing threshold must be a finite number, got {number!r}", param="routing.threshold")
-    if policy == "neural":
-        path = routing.get("path") or _default_router(model)
-        return f"neural:{path}" + ("" if number is None else f":{float(number)!r}")
-    if routing.get("path") is not None:
-        raise InvalidRequest(f"routing.path applies to the neural policy only, not {policy!r}", param="routing.path")
-    if number is None:
-        return policy  # the policy says whether it needs a number
-    if policy == "speculative":
-        if number != int(number):
-            raise InvalidRequest(f"speculative k must be an integer, got {number!r}", param="routing.k")
-        return f"speculative:{int(number)}"
-    return f"{policy}:{float(number)!r}"
-
-
-def _default_router(model: ServedModel) -> str:
-    if not model.routers:
-        raise InvalidRequest("this server has no neural router; start it with --router PATH", param="routing")
-    return model.routers[0]
-
-
-def neural_router_path(spec: str) -> tuple[str, float | None]:
-    """"neural:PATH[:t]" -> (PATH, t), split the way the engine's policy parser splits it."""
-    arg = spec.partition(":")[2]
-    head, _, tail = arg.rpartition(":")
-    if head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return arg, None
-
-
-def _check_router(spec: str, model: ServedModel) -> str:
-    """Clients may only name routers the server was started with (no reading arbitrary server paths)."""
-    path, threshold = neural_router_path(spec)
-    if not path:
-        path = _default_router(model)
-    allowed = {str(Path(r).resolve()): r for r in model.routers}
-    if str(Path(path).resolve()) not in allowed:
-        raise InvalidRequest(f"router {path!r} is not served here; routers: {list(model.routers) or 'none'}",
-                             param="routing")
-    if threshold is not None and not math.isfinite(threshold):
-        raise InvalidRequest(f"routing threshold must be a finite number, got {threshold!r}", param="routing")
-    return f"neural:{path}" + ("" if threshold is None else f":{threshold!r}")
+        return parse_routing(routing)
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="routing") from None

@@ -61,14 +61,18 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
     from collab_decode.backends.native import NativeBackend
     from collab_decode.demo import checkpoint_dir
 
+    from tests.test_cli import save_routers
+
     small, large = make_pair(tmp_path)
+    routers = save_routers(tmp_path, 32, "a", "r2")
     monkeypatch.setenv(API_KEY_ENV, "from-env")
     server, printed = serve(
         "--small", small, "--large", large, "--backend", "transformers", "--dtype", "bfloat16", "--device", "cpu",
-        "--block-size", 8, "--small-kv-bytes", 3, "--large-kv-bytes", 5, "--default-policy", "entropy:0.5",
+        "--block-size", 8, "--small-kv-mib", 3, "--large-kv-mib", 5, "--default-policy", "entropy:0.5",
         "--step-delimiter", ";", "--max-num-seqs", 5, "--max-num-batched-tokens", 77, "--max-model-len", 100,
         "--host", "0.0.0.0", "--port", 1234, "--grpc-port", 4321, "--api-key", "k", "--max-queue", 7,
-        "--served-model-name", "mine", "--router", "r1", "--router", "r2", "--log-level", "debug")
+        "--served-model-name", "mine", "--router", f"r1={routers[0]}", "--router", str(routers[1]),
+        "--log-level", "debug")
     assert server.config == ServeConfig(host="0.0.0.0", port=1234, grpc_port=4321, api_key="k", max_queue=7,
                                         log_level="debug")
     assert server.model == ServedModel(name="mine", small_dir=str(small), large_dir=str(large), routers=("r1", "r2"))
@@ -102,7 +106,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
 
 SERVE_FLAGS_CHECKED = {
     "--model", "--pair", "--small", "--large", "--backend", "--dtype", "--device", "--compile", "--block-size",
-    "--small-kv-bytes", "--large-kv-bytes", "--default-policy", "--step-delimiter", "--max-num-seqs",
+    "--small-kv-mib", "--large-kv-mib", "--default-policy", "--step-delimiter", "--max-num-seqs",
     "--max-num-batched-tokens", "--max-model-len", "--host", "--port", "--grpc-port", "--api-key", "--max-queue",
     "--served-model-name", "--router", "--log-level", "--help",
 }

@@ -1,0 +1,88 @@
+"""Command-line flags of everything that builds an engine (`generate`, `serve`, `label`, ...), derived
+from the config dataclasses so a setting is declared, documented and validated in one place.
+
+    add_engine_args(parser) -> args -> engine_from_args(args) -> Engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from collab_decode.engine.config import EngineConfig
+from collab_decode.engine.scheduler import SchedulerConfig
+
+CONFIGS = (EngineConfig, SchedulerConfig)
+UNIT_NAMES = {1 << 20: "mib"}
+
+
+def _flag(f: dataclasses.Field) -> tuple[str, str]:
+    """(flag, dest) of a config field: memory fields in bytes take MiB on the command line."""
+    unit = f.metadata.get("unit")
+    name = f.name.replace("_bytes", "_" + UNIT_NAMES[unit]) if unit else f.name
+    return "--" + name.replace("_", "-"), name
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Model selection, neural routers, plus one flag per EngineConfig / SchedulerConfig field."""
+    g = parser.add_argument_group("models")
+    g.add_argument("--model", help="a single model directory (Hugging Face format)")
+    g.add_argument("--pair", help="a shipped pair by name: demo")
+    g.add_argument("--small", help="small model directory of a pair")
+    g.add_argument("--large", help="large model directory of a pair")
+    g.add_argument("--backend", default="native", choices=["native", "transformers"], help="model implementation")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    g.add_argument("--compile", action="store_true",
+                   help="run decode steps through torch.compile (native backend; ~1 minute to compile on first use)")
+    g.add_argument("--router", action="append", default=[], metavar="NAME=DIR",
+                   help="a neural router checkpoint requests may name (repeatable; NAME defaults to the directory's "
+                        "name; the first is what `neural` alone uses)")
+    e = parser.add_argument_group("engine")
+    for cls in CONFIGS:
+        for f in dataclasses.fields(cls):
+            if f.name == "scheduler":
+                continue
+            flag, dest = _flag(f)
+            unit = f.metadata.get("unit")
+            default = f.default // unit if unit else f.default
+            e.add_argument(flag, dest=dest, type=type(default), default=default,
+                           help=f"{f.metadata['help']}{' (MiB)' if unit else ''} (default: {default!r})")
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    def values(cls) -> dict:
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.name != "scheduler":
+                out[f.name] = getattr(args, _flag(f)[1]) * (f.metadata.get("unit") or 1)
+        return out
+
+    return EngineConfig(**values(EngineConfig), scheduler=SchedulerConfig(**values(SchedulerConfig)))
+
+
+def routers_from_args(values: list[str]) -> dict[str, Path]:
+    """["NAME=DIR" | "DIR", ...] -> {name: dir}, in order; ValueError on a repeated name."""
+    routers: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        name, path = (name, path) if sep else (Path(value).resolve().name, value)
+        if name in routers:
+            raise ValueError(f"router name {name!r} given twice (--router NAME=DIR)")
+        routers[name] = Path(path)
+    return routers
+
+
+def engine_from_args(args: argparse.Namespace, policy_needs_large: bool = True):
+    from collab_decode.engine.loading import build_engine, resolve_pair
+
+    small, large = resolve_pair(args.pair, args.small, args.large)
+    if args.model:
+        if small or large:
+            raise SystemExit("error: give either --model or a pair (--pair / --small and --large), not both")
+        small = args.model
+    if small is None:
+        raise SystemExit("error: no model: give --model DIR, --pair demo, or --small DIR --large DIR")
+    return build_engine(small, large if policy_needs_large else None, args.backend, args.dtype, args.device,
+                        config_from_args(args), args.compile, routers_from_args(args.router))
