@@ -50,7 +50,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     s = result.stats
     print(f"\n[{policy}] {len(result.token_ids)} tokens: {s['small_tokens']} small, {s['large_tokens']} large "
           f"(large share {s['large_share']:.1%}, {s['large_calls']} large calls, {s['catchup_tokens']} catch-up tokens)"
-          f"; finish: {result.finish_reason}" + (f"; {HIGHLIGHT}highlighted{RESET} = large model" if s['large_tokens'] else ""))
+          f"; finish: {result.finish_reason}"
+          + (f"; {HIGHLIGHT}highlighted{RESET} = large model" if s['large_tokens'] else ""))
     return 0
 
 

@@ -102,7 +102,8 @@ class NativeBackend:
             num_blocks = -(-seq_len // block_size)
             if n == 0 or len(chunk.block_table) < num_blocks:
                 raise ValueError(f"sequence {chunk.seq_id}: chunk of {n} tokens on {chunk.num_cached} cached needs "
-                                 f"{num_blocks} blocks and at least one token; block table has {len(chunk.block_table)}")
+                                 f"{num_blocks} blocks and at least one token; block table has "
+                                 f"{len(chunk.block_table)}")
             ids.extend(chunk.token_ids)
             last_idx.append(start + n - 1)
             seq_lens.append(seq_len)

@@ -83,7 +83,8 @@ def run(sizes: list[str], batch_sizes: list[int], prompt_len: int, max_tokens: i
             engines = {}
             for mode, compile in (("native", False), ("native_compiled", True)):
                 backend = NativeBackend.from_pretrained(tmp, compile=compile)
-                engines[mode] = Engine(backend, _IdTokenizer(backend.vocab_size), EngineConfig(small_kv_bytes=512 << 20))
+                engines[mode] = Engine(backend, _IdTokenizer(backend.vocab_size),
+                                       EngineConfig(small_kv_bytes=512 << 20))
             num_params = sum(p.numel() for p in hf_model.parameters())
             prompts = {batch: torch.randint(1, 512, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
                        for batch in batch_sizes}
@@ -108,8 +109,10 @@ def run(sizes: list[str], batch_sizes: list[int], prompt_len: int, max_tokens: i
                 for mode in engines:
                     row[f"{mode}_over_hf"] = round(row[f"{mode}_tokens_per_s"] / row["hf_tokens_per_s"], 2)
                 rows.append(row)
-                print(f"{size:>4} ({num_params / 1e6:.1f}M) batch {batch:>2}: transformers {row['hf_tokens_per_s']:8.1f} tok/s"
-                      + "".join(f"  {m} {row[f'{m}_tokens_per_s']:8.1f} tok/s ({row[f'{m}_over_hf']:.2f}x)" for m in engines),
+                print(f"{size:>4} ({num_params / 1e6:.1f}M) batch {batch:>2}: "
+                      f"transformers {row['hf_tokens_per_s']:8.1f} tok/s"
+                      + "".join(f"  {m} {row[f'{m}_tokens_per_s']:8.1f} tok/s ({row[f'{m}_over_hf']:.2f}x)"
+                                for m in engines),
                       flush=True)
     for size in sizes:
         by_batch = {r["batch"]: r for r in rows if r["size"] == size}

@@ -93,7 +93,9 @@ def speed_table(engine, num_prompts: int, policies: list[str]) -> list[dict]:
                 for out in engine.step():
                     num_tokens += len(out.new_token_ids)
                 s = engine.last_step
-                step_total, step_forward, num_steps = step_total + s.total, step_forward + s.small_forward + s.large_forward, num_steps + 1
+                step_total += s.total
+                step_forward += s.small_forward + s.large_forward
+                num_steps += 1
             seconds += time.perf_counter() - start
         rows.append({"policy": policy, "tokens_per_s": round(num_tokens / seconds, 1),
                      "ms_per_step": round(1000 * step_total / num_steps, 3),
@@ -132,7 +134,8 @@ def markdown(acc: dict, speed: list[dict]) -> str:
     lines = []
     if acc.get("headline"):
         h = acc["headline"]
-        lines += [f"At ~{acc['target_share']:.0%} large share (entropy threshold {acc['entropy_threshold']} calibrated on "
+        lines += [f"At ~{acc['target_share']:.0%} large share "
+                  f"(entropy threshold {acc['entropy_threshold']} calibrated on "
                   f"separate problems): entropy {h['entropy']['accuracy']:.1%} at {h['entropy']['large_share']:.1%}, "
                   f"random {h['random']['accuracy']:.1%} at {h['random']['large_share']:.1%}; best step-entropy: "
                   f"{h['step-entropy']['policy']} {h['step-entropy']['accuracy']:.1%} at "

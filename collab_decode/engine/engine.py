@@ -249,7 +249,8 @@ class Engine:
             backend.release(seq_id)
 
     # ---- offline API ----------------------------------------------------------------------------
-    def generate(self, prompts: list[str] | list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts: list[str] | list[list[int]],
+                 sampling: SamplingParams | list[SamplingParams] | None = None,
                  routing: str | RoutingSpec | list | None = None, progress: bool = False) -> list["Generation"]:
         """Run prompts (text or token ids) to completion; results in prompt order."""
         n = len(prompts)
@@ -257,7 +258,9 @@ class Engine:
         routings = routing if isinstance(routing, list) else [routing] * n
         ids = []
         for prompt, s, r in zip(prompts, samplings, routings):
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] if isinstance(prompt, str) else prompt
+            if isinstance(prompt, str):
+                prompt = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            prompt_ids = prompt
             ids.append(self.add_request(prompt_ids, s, r))
         results: dict[int, Generation] = {}
         while len(results) < n:

@@ -96,7 +96,8 @@ def speculative_step(seqs: list[Sequence], runner: ModelRunner, scheduler: Sched
     return outputs
 
 
-def _commit(scheduler: Scheduler, output: OutputProcessor, seq: Sequence, committed: list[int], num_kept: int, logits: torch.Tensor) -> RequestOutput:
+def _commit(scheduler: Scheduler, output: OutputProcessor, seq: Sequence, committed: list[int], num_kept: int,
+            logits: torch.Tensor) -> RequestOutput:
     n0 = seq.num_tokens
     # every committed token was decided by the large model: its logprobs are the large model's
     sample = logprobs_of(logits[:len(committed)].float(), torch.tensor(committed, device=logits.device),

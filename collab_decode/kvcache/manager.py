@@ -1,7 +1,7 @@
 """Maps sequences to block tables over one model's BlockPool; counts only, no tensors.
 
 Data flow: the scheduler asks `can_allocate(seq, n)` before a model's cache catches up to `n` tokens
-and then calls `allocate(seq, n)`; the backend reads `block_table(seq)` / `slot(seq, pos)` to know
+and then calls `allocate(seq, n)`; the backend reads `block_table(seq)` to know
 where token `pos` of the sequence lives in its cache storage. A speculative rollback or a preemption
 calls `truncate(seq, n)`; a finished sequence calls `free(seq)`. Tables only grow in `allocate` and
 only shrink in `truncate` / `free`, so after every request ends every block is back in the pool.
@@ -93,18 +93,6 @@ class KVCacheManager:
 
     def seq_ids(self) -> list[int]:
         return list(self._tables)
-
-    def slot(self, seq_id: int, position: int) -> int:
-        """Physical slot of token `position` of `seq_id`: block_id * block_size + offset."""
-        table = self._table(seq_id)
-        block_index, offset = divmod(position, self.block_size)
-        if position < 0 or block_index >= len(table):
-            raise IndexError(
-                f"position {position} of sequence {seq_id} is outside its table "
-                f"({len(table)} blocks of {self.block_size} = "
-                f"{len(table) * self.block_size} tokens)"
-            )
-        return table[block_index] * self.block_size + offset
 
     def check_empty(self) -> None:
         """Raise AssertionError naming the leak if any block is still held."""

@@ -83,7 +83,8 @@ def check_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], tied
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {', '.join(missing[:5])}")
     if unexpected:
-        raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:5])}")
+        raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensor(s), "
+                              f"e.g. {', '.join(unexpected[:5])}")
     wrong = [f"{n}: {tuple(tensors[n].shape)} != expected {tuple(s)}" for n, s in expected.items()
              if tensors[n].shape != s]
     if wrong:

@@ -11,7 +11,8 @@ from pathlib import Path
 from collab_decode.serve.server import ServeConfig
 
 API_KEY_ENV = "COLLAB_DECODE_API_KEY"
-PAIR_DEFAULT_POLICY = "entropy:0.009"  # a pair with no policy named: ~15% large share on the demo pair (docs/results/pair)
+# a pair with no policy named: ~15% large share on the demo pair (docs/results/pair)
+PAIR_DEFAULT_POLICY = "entropy:0.009"
 
 
 def add_serve_parser(sub) -> None:
@@ -39,10 +40,12 @@ def add_serve_parser(sub) -> None:
                    help=f"require 'Authorization: Bearer KEY' on /v1 and gRPC calls (default: ${API_KEY_ENV} if set, "
                         "else no key)")
     s.add_argument("--max-queue", type=int, default=ServeConfig.max_queue,
-                   help=f"most requests in flight before HTTP 429 / RESOURCE_EXHAUSTED (default: {ServeConfig.max_queue})")
+                   help="most requests in flight before HTTP 429 / RESOURCE_EXHAUSTED "
+                        f"(default: {ServeConfig.max_queue})")
     s.add_argument("--served-model-name", default=None,
                    help="the model name requests use (default: the pair's name, or the model directories' names)")
-    s.add_argument("--log-level", default=ServeConfig.log_level, choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--log-level", default=ServeConfig.log_level,
+                   choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=cmd_serve)
 
 

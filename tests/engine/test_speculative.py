@@ -28,7 +28,8 @@ PROMPT = [75, 390, 52, 320]  # one where p and q differ and acceptance is freque
 def hf(pair):
     from transformers import AutoModelForCausalLM
 
-    return {name: AutoModelForCausalLM.from_pretrained(str(path)).eval() for name, path in zip(("small", "large"), pair)}
+    return {name: AutoModelForCausalLM.from_pretrained(str(path)).eval()
+            for name, path in zip(("small", "large"), pair)}
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,8 @@ def test_stop_token_inside_an_accepted_draft_ends_the_output(demo, k):
     full = engine.generate([prompt], SamplingParams(max_tokens=400, temperature=0.0), f"speculative:{k}")[0]
     assert full.token_ids == reference
     # a token seen for the first time, an accepted draft (so its step committed more tokens after it)
-    j = next(i for i in range(10, len(reference)) if reference[i] not in reference[:i] and full.provenance[i] == "small")
+    j = next(i for i in range(10, len(reference))
+             if reference[i] not in reference[:i] and full.provenance[i] == "small")
     result = engine.generate([prompt], SamplingParams(max_tokens=400, temperature=0.0,
                                                       stop_token_ids=(reference[j],)), f"speculative:{k}")[0]
     assert result.token_ids == reference[:j + 1] and result.finish_reason == "stop"

@@ -97,17 +97,6 @@ def test_unknown_sequence_queries_raise_key_error():
         manager.truncate(5, 0)
 
 
-def test_slot_maps_positions_through_the_table():
-    manager = KVCacheManager(num_blocks=6, block_size=4)
-    manager.allocate(0, 4)  # block 0
-    manager.allocate(1, 4)  # block 1
-    manager.allocate(0, 8)  # block 2: seq 0's blocks are not contiguous
-    assert [manager.slot(0, p) for p in range(8)] == [0, 1, 2, 3, 8, 9, 10, 11]
-    assert manager.slot(1, 3) == 7
-    with pytest.raises(IndexError, match="position 8 of sequence 0"):
-        manager.slot(0, 8)
-    with pytest.raises(IndexError):
-        manager.slot(0, -1)
 
 
 def test_check_empty_lists_leaks():

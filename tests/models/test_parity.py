@@ -192,7 +192,8 @@ def test_compiled_decode_matches_hf(arch, tmp_path):
     step(backend, SeqChunk(0, ids[0][:20], 0, tables[0]))
     alone = [step(backend, SeqChunk(0, [ids[0][t]], t, tables[0])).logits[0] for t in (20, 21)]
     step(backend, SeqChunk(1, ids[1][:12], 0, tables[1]), SeqChunk(2, ids[2][:7], 0, tables[2]))
-    together = [step(backend, *(SeqChunk(s, [ids[s][n]], n, tables[s]) for s, n in ((0, 22 + i), (1, 12 + i), (2, 7 + i))))
+    together = [step(backend, *(SeqChunk(s, [ids[s][n]], n, tables[s])
+                                for s, n in ((0, 22 + i), (1, 12 + i), (2, 7 + i))))
                 for i in range(2)]
     ref = {0: hf_chunked(arch, ids[0], [20, 1, 1, 1, 1])[0], 1: hf_chunked(arch, ids[1], [12, 1, 1])[0],
            2: hf_chunked(arch, ids[2], [7, 1, 1])[0]}
