@@ -1,5 +1,6 @@
 """AsyncEngine without a network: errors reach the caller and never stop the engine thread; the queue
-bound; a failed step fails only the requests in flight; dropped streams are aborted."""
+bound; a failed step fails only the requests in flight; aborted and dropped streams end their sequence in
+the engine itself (checked while an EngineGate holds the engine, so it cannot have finished by itself)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from collab_decode.sampling import SamplingParams
 from collab_decode.serve.async_engine import AsyncEngine, EngineBusy, EngineStopped
-from tests.serve.conftest import PROMPT, demo_engine
+from tests.serve.conftest import PROMPT, EngineGate, assert_dropped_by_engine, demo_engine
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 LONG = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
@@ -24,6 +25,17 @@ def engine():
 @pytest.fixture(scope="module")
 def prompt_ids(engine):
     return engine.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture
+def gate(engine, monkeypatch) -> EngineGate:
+    gate = EngineGate(engine)
+    monkeypatch.setattr(engine, "step", gate.step)
+    return gate
+
+
+def decoding(engine) -> bool:
+    return any(s.num_output_tokens >= 1 for s in engine.seqs.values())
 
 
 def run(engine, body, max_queue: int = 8):
@@ -62,13 +74,18 @@ def test_stream_equals_generate_and_errors_do_not_stop_the_thread(engine, prompt
     assert deltas[-1].finished and deltas[-1].stats["large_tokens"] == want.stats["large_tokens"]
 
 
-def test_queue_bound(engine, prompt_ids):
+def test_queue_bound(engine, prompt_ids, gate):
+    gate.pause(decoding)
+
     async def body(ae):
         first = await ae.add_request(prompt_ids, LONG)
         with pytest.raises(EngineBusy, match="capacity"):
             await ae.add_request(prompt_ids, GREEDY)
         await first.__anext__()
+        (seq,) = await asyncio.to_thread(gate.wait_paused)
         first.abort()
+        await asyncio.to_thread(assert_dropped_by_engine, engine, seq)
+        gate.resume()
         again = await ae.add_request(prompt_ids, GREEDY)
         assert (await again.collect())[-1].finished
 
@@ -96,16 +113,16 @@ def test_failed_step_fails_requests_in_flight_only(engine, prompt_ids, monkeypat
     run(engine, body)
 
 
-def test_dropped_stream_is_aborted(engine, prompt_ids):
+def test_dropped_stream_is_aborted_in_the_engine(engine, prompt_ids, gate):
+    gate.pause(decoding)
+
     async def body(ae):
         stream = await ae.add_request(prompt_ids, LONG)
         await stream.__anext__()
-        del stream
+        (seq,) = await asyncio.to_thread(gate.wait_paused)
+        del stream  # never read to the end: its finalizer aborts the request
         gc.collect()
-        for _ in range(200):
-            await asyncio.sleep(0.01)
-            if ae.num_in_flight == 0:
-                break
+        await asyncio.to_thread(assert_dropped_by_engine, engine, seq)
         assert ae.num_in_flight == 0
 
     run(engine, body)

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import API_KEY, PROMPT
+from tests.serve.conftest import API_KEY, PROMPT, wait_until
 
 GOOD = {"model": "demo", "prompt": PROMPT, "max_tokens": 2, "temperature": 0}
 LONG_PROMPT = "one two " * 400  # ~800 tokens against a 512-token context
@@ -98,16 +98,21 @@ def test_api_key_required(guarded_server):
     assert httpx.get(f"{guarded_server.url}/health").status_code == 200  # probes need no key
 
 
-def test_queue_bound_gives_429_then_recovers(guarded_server):
+def test_queue_bound_gives_429_then_recovers(guarded_server, guarded_gate):
     url, headers = f"{guarded_server.url}/v1/completions", {"Authorization": f"Bearer {API_KEY}"}
     long = {**GOOD, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    engine = guarded_server.engine
+    guarded_gate.pause()  # admitted requests stay in flight: they cannot finish while the probes run
     with httpx.Client(timeout=60, headers=headers) as a, httpx.Client(timeout=60, headers=headers) as b:
         with a.stream("POST", url, json=long) as first, b.stream("POST", url, json=long) as second:
             assert first.status_code == second.status_code == 200  # both admitted: the bound (2) is reached
             error = assert_openai_error(httpx.post(url, json=GOOD, headers=headers), 429)
-            assert "capacity" in error["message"]
+            assert "capacity" in error["message"] and error["code"] == "server_busy"
             with pytest.raises(openai.RateLimitError):
                 openai.OpenAI(base_url=f"{guarded_server.url}/v1", api_key=API_KEY, max_retries=0) \
                     .completions.create(**GOOD)
-    guarded_server.wait_idle()  # the two streams were dropped: aborted, slots and blocks free
+    # the two streams were dropped: the engine drops them too (still held: they did not finish instead)
+    wait_until(lambda: not engine.seqs, "the dropped streams leave the engine")
+    guarded_gate.resume()
+    guarded_server.wait_idle()  # slots and blocks free
     assert httpx.post(url, json=GOOD, headers=headers).status_code == 200

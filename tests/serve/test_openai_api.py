@@ -1,5 +1,6 @@
 """The official openai client against the real server: completions and chat, streaming and not; greedy
-output equals the engine's for the same request; the routing extension, usage and provenance."""
+output equals the engine's for the same request; the routing extension, usage and provenance.
+(Logprobs, seeded sampling and stops: test_openai_sampling.py; /metrics: test_metrics.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import openai
 import pytest
 
 from collab_decode.sampling import SamplingParams
-from tests.serve.conftest import DEFAULT_POLICY, PROMPT
+from tests.serve.conftest import DEFAULT_POLICY, PROMPT, chat_ids
 
 MAX_TOKENS = 16
 
@@ -19,10 +20,9 @@ def client(server):
 
 
 def expected(engine, prompt: str, policy: str = DEFAULT_POLICY, chat: bool = False, **sampling):
-    """What `collab-decode generate` would print for this request (--chat: the chat template)."""
+    """What the engine answers to this request alone (chat: the chat template as Hugging Face tokenizes it)."""
     if chat:
-        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
+        prompt = chat_ids(engine.tokenizer, prompt)
     params = SamplingParams(**{"max_tokens": MAX_TOKENS, "temperature": 0.0, **sampling})
     return engine.generate([prompt], params, policy)[0]
 
@@ -101,44 +101,9 @@ def test_speculative_routing_object_takes_k(client, reference_engine):
     assert got.choices[0].text == want.text
 
 
-def test_logprobs_completions_and_chat(client, reference_engine):
-    want = expected(reference_engine, PROMPT, "small", logprobs=2)
-    got = client.completions.create(model="demo", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, logprobs=2,
-                                    extra_body={"routing": "small"})
-    lp = got.choices[0].logprobs
-    assert len(lp.tokens) == len(want.token_ids)
-    assert lp.token_logprobs == pytest.approx(want.logprobs, abs=1e-5)
-    assert all(len(top) <= 2 for top in lp.top_logprobs)
-    chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": PROMPT}],
-                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
-    content = chat.choices[0].logprobs.content
-    assert len(content) == chat.usage.completion_tokens
-    assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 for c in content)
-
-
-def test_seeded_sampling_reproducible_and_stop_honoured(client):
-    kwargs = dict(model="demo", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.95, seed=7,
-                  extra_body={"top_k": 20})
-    first, second = (client.completions.create(**kwargs).choices[0].text for _ in range(2))
-    assert first == second
-    from collab_decode.demo.tokenizer import chat_prompt
-
-    solution_prompt = chat_prompt(PROMPT)  # the demo models write a long worked solution after it
-    greedy = client.completions.create(model="demo", prompt=solution_prompt, max_tokens=MAX_TOKENS, temperature=0)
-    text = greedy.choices[0].text
-    assert len(text) >= 8, text
-    stop = text[3:6]
-    stopped = client.completions.create(model="demo", prompt=solution_prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                        stop=[stop])
-    assert stopped.choices[0].finish_reason == "stop"
-    assert stopped.choices[0].text == text[:text.index(stop)]
-
-
-def test_models_health_metrics(client, server):
+def test_models_health(client, server):
     models = client.models.list().data
     assert [m.id for m in models] == ["demo"]
+    card = client.models.retrieve("demo").model_extra
+    assert card["max_model_len"] == 512 and card["default_policy"] == DEFAULT_POLICY
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
-    m = server.metrics()
-    assert m['collab_decode_kv_blocks_total{pool="large"}'] > 0
-    assert m['collab_decode_generation_tokens_total{model="small"}'] > 0
-    assert "collab_decode_time_to_first_token_seconds_count" in m

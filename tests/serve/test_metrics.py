@@ -1,0 +1,64 @@
+"""/metrics (Prometheus) against what the requests themselves report: each test makes its own requests and
+compares before/after differences, so it passes alone and in any order."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from collab_decode.serve.grpc_gen import collab_decode_pb2 as pb
+from collab_decode.serve.grpc_gen import collab_decode_pb2_grpc as pb_grpc
+from tests.serve.conftest import PROMPT, delta
+
+ROUTING = "entropy:0.3"  # both models write tokens
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_metrics_exposition(client, server):
+    server.wait_idle()
+    r = httpx.get(f"{server.url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    client.completions.create(model="demo", prompt=PROMPT, max_tokens=4, temperature=0)
+    m = server.wait_idle()
+    assert m['collab_decode_kv_blocks_total{pool="small"}'] > 0 and m['collab_decode_kv_blocks_total{pool="large"}'] > 0
+    for name in ("time_to_first_token_seconds", "request_latency_seconds", "engine_step_seconds"):
+        assert m[f"collab_decode_{name}_count"] >= 1, name
+    assert 0 <= m["collab_decode_large_share"] <= 1
+
+
+def test_token_counts_equal_usage(client, server):
+    """Tokens by model, prompt tokens, finished requests and their large shares, as /metrics counts them,
+    equal the sums over the `usage` of the requests made meanwhile (REST and gRPC, streamed and not)."""
+    before = server.wait_idle()
+    usages = []
+    for max_tokens in (8, 24):
+        usages.append(client.completions.create(model="demo", prompt=PROMPT, max_tokens=max_tokens, temperature=0,
+                                                extra_body={"routing": ROUTING}).usage.model_dump())
+    chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": PROMPT}], max_tokens=20,
+                                          temperature=0, stream=True, stream_options={"include_usage": True},
+                                          extra_body={"routing": ROUTING})
+    usages.append([c for c in chat][-1].usage.model_dump())
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        got = pb_grpc.CollabDecodeStub(channel).Generate(pb.GenerateRequest(
+            text=PROMPT, sampling=pb.SamplingParams(max_tokens=12, temperature=0), routing=ROUTING), timeout=60)
+        u = got.usage
+        usages.append({"prompt_tokens": u.prompt_tokens, "small_tokens": u.small_tokens,
+                       "large_tokens": u.large_tokens, "large_share": u.large_share})
+    after = server.wait_idle()
+    total = {key: sum(u[key] for u in usages) for key in ("prompt_tokens", "small_tokens", "large_tokens")}
+    assert total["small_tokens"] > 0 and total["large_tokens"] > 0
+    for model in ("small", "large"):
+        assert delta(before, after, f'collab_decode_generation_tokens_total{{model="{model}"}}') == \
+            total[f"{model}_tokens"], model
+    assert delta(before, after, "collab_decode_prompt_tokens_total") == total["prompt_tokens"]
+    finished = sum(delta(before, after, f'collab_decode_requests_total{{outcome="{o}"}}') for o in ("stop", "length"))
+    assert finished == len(usages)
+    assert delta(before, after, "collab_decode_request_large_share_count") == len(usages)
+    assert delta(before, after, "collab_decode_request_large_share_sum") == \
+        pytest.approx(sum(u["large_share"] for u in usages), abs=1e-5)
