@@ -11,7 +11,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Mutation:
     id: str
-    area: str  # routing | catch-up | scheduler | kv | speculative | stop | abort | sampling
+    area: str  # routing | catch-up | scheduler | kv | speculative | stop | abort | serve | sampling
     file: str  # relative to the repository root
     old: str  # text that occurs exactly once in `file`
     new: str  # what it becomes
@@ -32,6 +32,8 @@ SPEC_TESTS = "tests/engine/test_speculative.py"
 OUTPUT_TESTS = "tests/engine/test_output.py"
 KV_TESTS = ("tests/kvcache",)
 SAMPLING_TESTS = "tests/test_sampling.py"
+ASYNC_ENGINE = "collab_decode/serve/async_engine.py"
+SERVE_CANCEL_TESTS = "tests/serve/test_async_engine.py"
 
 MUTATIONS: list[Mutation] = [
     # ---- routing rules -----------------------------------------------------------------------------
@@ -162,7 +164,16 @@ MUTATIONS: list[Mutation] = [
              '            self._finish(seq, "abort")',
              "            self.seqs.pop(seq_id)",
              (ENGINE_TESTS,), "an aborted sequence keeps its blocks and its place in the batch"),
-    Mutation("dropped-stream-not-aborted", "abort", "collab_decode/serve/async_engine.py",
+    Mutation("abort-never-submitted", "abort", ASYNC_ENGINE,
+             '            self._submit(("abort", request))', "            pass",
+             (SERVE_CANCEL_TESTS,), "a cancelled request is forgotten on the async side and never reaches the engine"),
+    Mutation("engine-thread-skips-abort", "abort", ASYNC_ENGINE,
+             "            self.engine.abort(request.seq_id)", "            pass",
+             (SERVE_CANCEL_TESTS,), "the engine thread drops its record of a cancelled request but keeps decoding it"),
+    Mutation("metrics-miss-large-tokens", "serve", "collab_decode/serve/metrics.py",
+             'num_large = sum(1 for p in provenance if p == "large")', "num_large = 0",
+             ("tests/serve/test_metrics.py",), "/metrics counts no large-model tokens (disagrees with usage)"),
+    Mutation("dropped-stream-not-aborted", "abort", ASYNC_ENGINE,
              "        weakref.finalize(self, engine._abandon, request)\n", "",
              ("tests/serve/test_async_engine.py",), "a stream dropped without reading it to the end decodes on"),
     # ---- sampling filters ----------------------------------------------------------------------------
