@@ -121,7 +121,7 @@ MUTATIONS: list[Mutation] = [
     # ---- speculative ---------------------------------------------------------------------------------
     Mutation("spec-greedy-accepts-all", "speculative", SPECULATIVE,
              "if d != t), len(drafts))", "if False), len(drafts))",
-             (ENGINE_TESTS,), "greedy verification keeps every draft"),
+             (SPEC_TESTS,), "greedy verification keeps every draft"),
     Mutation("spec-bonus-from-last-draft", "speculative", SPECULATIVE,
              "p[len(drafts)], 1, generator", "p[len(drafts) - 1], 1, generator",
              (SPEC_TESTS,), "the bonus token is drawn from the last draft position's distribution"),

@@ -52,9 +52,12 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: int) -> tuple[int, st
 
 
 def first_failure(output: str) -> str:
-    for line in output.splitlines():
-        if line.startswith(("FAILED ", "ERROR ")):
-            return line.split(" - ")[0]
+    """The first failed test named in pytest's summary (a failure before an error)."""
+    lines = output.splitlines()
+    for prefix in ("FAILED ", "ERROR "):
+        for line in lines:
+            if line.startswith(prefix):
+                return line.split(" - ")[0]
     return "(timeout)" if "[timed out" in output else "(no FAILED line)"
 
 
