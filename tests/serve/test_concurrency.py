@@ -86,10 +86,12 @@ def test_cancelling_half_mid_stream_drops_them_in_the_engine(server, gate, refer
             cancelling = [asyncio.ensure_future(stream_then_cancel(client, i)) for i in range(1, NUM_REQUESTS, 2)]
             completing = [asyncio.ensure_future(stream_text(client, i)) for i in range(0, NUM_REQUESTS, 2)]
             await wait_async(lambda: len(engine.seqs) == NUM_REQUESTS, "all requests are in the engine")
-            # decode until every long request has sent its chunks, then hold the engine there
-            gate.resume(until=lambda e: all(s.num_output_tokens >= NUM_CHUNKS_READ for s in long_ones(e.seqs.values())))
-            held = long_ones(await asyncio.to_thread(gate.wait_paused))
+            held = long_ones(list(engine.seqs.values()))  # the engine is paused: the dict holds still
             assert len(held) == NUM_REQUESTS // 2
+            # decode until every long request has sent its chunks, then hold the engine there (a request whose
+            # client already cancelled counts: it was dropped, and one preempted by a full pool catches up)
+            gate.resume(until=lambda e: all(s.num_output_tokens >= NUM_CHUNKS_READ or s.finished for s in held))
+            await asyncio.to_thread(gate.wait_paused)
             assert await asyncio.wait_for(asyncio.gather(*cancelling), 120) == [NUM_CHUNKS_READ] * len(held)
             for seq in held:  # the engine dropped each one while it was held: none could have finished
                 await asyncio.to_thread(assert_dropped_by_engine, engine, seq)
