@@ -1,8 +1,11 @@
 """The pairs collab-decode ships, by name: where their checkpoints live. A registry below both the
-engine (which resolves `--pair NAME`) and the demo package (which trains and evaluates the demo pair)."""
+engine (which resolves `--pair NAME`) and the demo package (which trains and evaluates the demo pair).
+Also the fingerprint of a pair, which routing labels and routers record so they are never used with another."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 _PACKAGE = Path(__file__).parent
@@ -22,3 +25,16 @@ def pair_dir(name: str, which: str) -> Path:
         raise FileNotFoundError(f"the {name} {which} checkpoint is missing at {path}"
                                 + ("; train it with `collab-decode demo train`" if name == "demo" else ""))
     return path
+
+
+_CONFIG_KEYS_NOT_THE_MODEL = ("transformers_version", "_name_or_path", "_commit_hash")
+
+
+def pair_fingerprint(vocab: dict[str, int], small_config: dict) -> str:
+    """What a pair's routing data and routers are tied to: a hash of the tokenizer's vocabulary (string ->
+    id) and the small model's config.json (the router reads the small model's hidden states and embeddings).
+    Keys that name a file or a library version, not the model, are left out."""
+    config = {k: v for k, v in small_config.items() if k not in _CONFIG_KEYS_NOT_THE_MODEL}
+    payload = json.dumps({"vocab": sorted(vocab.items()), "small_config": config}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
+

@@ -1,4 +1,4 @@
-"""`collab-decode demo train | eval`: train the demo pair, measure its accuracy."""
+"""`collab-decode demo train | eval | queries`: train the demo pair, measure its accuracy, write label queries."""
 
 from __future__ import annotations
 
@@ -31,6 +31,19 @@ def add_demo_parser(sub) -> None:
     ev.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ev.add_argument("--json", action="store_true", help="print one JSON object with accuracy and num_problems")
     ev.set_defaults(func=cmd_eval)
+
+    queries = demo_sub.add_parser(
+        "queries", help="write demo problems as a query file for `collab-decode label` (training seeds only)",
+        description="Demo problems as label queries, one JSON object per line: {\"id\", \"messages\", \"answer\"}. "
+                    "Only the training split: held-out problems (seeds from 1e9 up) are kept for evaluation, so "
+                    "a router trained on these labels is never calibrated or scored on problems it saw.")
+    queries.add_argument("--split", default="train", choices=["train"],
+                         help="the task split (only train: held-out seeds are never labelled)")
+    queries.add_argument("--num", type=int, required=True, help="how many problems")
+    queries.add_argument("--offset", type=int, default=0,
+                         help="first problem index of the split (use disjoint ranges for separate sets)")
+    queries.add_argument("--out", required=True, help="the JSONL file to write")
+    queries.set_defaults(func=cmd_queries)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -67,4 +80,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{label}: accuracy {report['accuracy']:.1%} ({report['num_correct']}/{report['num_problems']}), "
               f"large share {report['large_share']:.1%}, {report['tokens_per_s']} tokens/s")
+    return 0
+
+
+def cmd_queries(args: argparse.Namespace) -> int:
+    from collab_decode.demo.task import HELDOUT_SEED_BASE, SPLIT_BASE, problems
+
+    if args.num < 1 or args.offset < 0:
+        raise ValueError(f"--num must be >= 1 and --offset >= 0, got {args.num} and {args.offset}")
+    if SPLIT_BASE[args.split] + args.offset + args.num > HELDOUT_SEED_BASE:
+        raise ValueError("those problems would reach the held-out seeds: lower --offset or --num")
+    lines = [json.dumps({"id": f"demo-{args.split}-{p.seed - SPLIT_BASE[args.split]}",
+                         "messages": [{"role": "user", "content": p.question}], "answer": p.answer})
+             for p in problems(args.split, args.num, args.offset)]
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in lines)
+    last = args.offset + args.num - 1
+    print(f"wrote {len(lines)} {args.split} problems (indices {args.offset}..{last}) to {args.out}")
     return 0
