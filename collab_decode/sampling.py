@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -40,6 +41,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # token ids that end the request (kept in the output)
     ignore_eos: bool = False  # keep generating past the EOS token
     logprobs: int | None = None  # None = none; 0 = chosen token only; n = chosen + top-n (<= 20)
+    # per prompt token: its logprob given the tokens before it and the top-n there (vLLM's prompt_logprobs),
+    # from the model that prefills the prompt first; None = none, 0 = the prompt token only
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -59,10 +63,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= -1 (0 or -1 = disabled), got {self.top_k!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        if self.logprobs is not None and (
-                not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
-                             f"got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r} in {self.stop!r}")
@@ -89,6 +93,11 @@ class SampleOutput:
     # None when no row wants alternatives.
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
+
+    @cached_property
+    def token_id_list(self) -> list[int]:
+        """token_ids as Python ints: one host copy for the whole batch, however many rows are read."""
+        return self.token_ids.tolist()
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

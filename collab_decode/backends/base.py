@@ -72,3 +72,23 @@ class Backend(Protocol):
     def release(self, seq_id: int) -> None:
         """Forget anything held for a finished sequence (paged backends hold nothing per sequence)."""
         ...
+
+
+class BackendError(RuntimeError):
+    """A backend could not run some sequences of a batch (e.g. its remote endpoint is down).
+
+    `errors` maps each failed sequence to its message. The engine ends those requests with the message
+    (finish reason "error") and goes on; the other sequences of the batch commit nothing this step and
+    run again in the next one.
+    """
+
+    def __init__(self, errors: dict[int, str]):
+        super().__init__(next(iter(errors.values()), "backend error"))
+        self.errors = errors
+
+
+def unavailable_reason(backend) -> str | None:
+    """Why a backend cannot serve now (remote backends: their endpoint is down), or None when it can.
+    Local backends are always available; a backend reports by defining `unavailable() -> str | None`."""
+    unavailable = getattr(backend, "unavailable", None)
+    return unavailable() if unavailable is not None else None
