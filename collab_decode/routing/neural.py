@@ -42,24 +42,45 @@ class LoadedRouter:
     config: dict
 
 
-def load_router(path: str | Path, hidden_size: int | None = None) -> LoadedRouter:
-    """Load a router checkpoint; ValueError if it is not one, or was trained for another hidden size."""
+def load_router(path: str | Path, hidden_size: int | None = None, fingerprint: str | None = None) -> LoadedRouter:
+    """Load a router checkpoint. ValueError, naming the problem, if it is not one, is corrupted or truncated,
+    or was trained for another pair (hidden size, or the pair fingerprint it records)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     config_file, weights = path / "config.json", path / "model.safetensors"
     if not config_file.is_file() or not weights.is_file():
         raise ValueError(f"{path} is not a router checkpoint (needs config.json and model.safetensors)")
-    config = json.loads(config_file.read_text())
-    if hidden_size is not None and config["hidden_size"] != hidden_size:
-        raise ValueError(f"router {path} expects hidden size {config['hidden_size']}, the small model has "
+    try:
+        config = json.loads(config_file.read_text())
+        sizes = (int(config["hidden_size"]), int(config["top_k"]), int(config.get("width", 256)),
+                 int(config.get("num_layers", 2)))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"router {config_file} is not a valid router config: {e!r}") from None
+    if hidden_size is not None and sizes[0] != hidden_size:
+        raise ValueError(f"router {path} expects hidden size {sizes[0]}, the small model has "
                          f"{hidden_size}: it was trained for another pair")
-    model = RouterMLP(config["hidden_size"], config["top_k"], config.get("width", 256), config.get("num_layers", 2))
+    trained_for = config.get("pair", {}).get("fingerprint")
+    if fingerprint is not None and trained_for is not None and trained_for != fingerprint:
+        raise ValueError(f"router {path} was trained for another pair (fingerprint {trained_for[:19]}..., "
+                         f"this pair's is {fingerprint[:19]}...)")
+    model = RouterMLP(*sizes)
     try:
         model.load_state_dict(load_file(str(weights)))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"router weights {weights} are corrupted or truncated: {e}") from None
     except RuntimeError as e:
         raise ValueError(f"router checkpoint {path} does not match its config: {e}") from None
     return LoadedRouter(model.eval().requires_grad_(False), config)
+
+
+def threshold_for_share(table: list[dict], large_share: float) -> float:
+    """From a calibration table (rows of threshold, recall, large_share): the lowest threshold whose large
+    share stays within the budget (the highest threshold when none does)."""
+    within = [row for row in table if row["large_share"] <= large_share]
+    row = min(within, key=lambda r: r["threshold"]) if within else max(table, key=lambda r: r["threshold"])
+    return row["threshold"]
 
 
 def save_router(path: str | Path, model: RouterMLP, config: dict) -> None:
@@ -72,8 +93,13 @@ def save_router(path: str | Path, model: RouterMLP, config: dict) -> None:
 
 
 class NeuralRoute(Router):
-    def __init__(self, router: LoadedRouter, threshold: float | None = None):
+    def __init__(self, router: LoadedRouter, threshold: float | None = None, large_share: float | None = None):
         self.model = router.model
+        if large_share is not None:
+            table = router.config.get("calibration")
+            if not table:
+                raise ValueError("this router has no calibration table: ask for a threshold, not a large_share")
+            threshold = threshold_for_share(table, large_share)
         self.threshold = router.config.get("threshold", 0.5) if threshold is None else threshold
 
     @classmethod
@@ -83,7 +109,7 @@ class NeuralRoute(Router):
         name = spec.router or next(iter(context.routers))
         if name not in context.routers:
             raise ValueError(f"router {name!r} is not loaded here; routers: {', '.join(context.routers)}")
-        return cls(context.routers[name], spec.threshold)
+        return cls(context.routers[name], spec.threshold, spec.large_share)
 
     def scores(self, inputs: RouterInputs) -> torch.Tensor:
         """(B,) probability that each position is divergent."""

@@ -27,6 +27,12 @@ class RouterInputs:
     proposed: torch.Tensor  # (B,) int64 token the small model sampled
     embed: Callable[[torch.Tensor], torch.Tensor]  # token ids (B,) -> small-model input embeddings (B, hidden)
 
+    def select(self, rows: list[int]) -> "RouterInputs":
+        """These rows only, in this order."""
+        idx = torch.tensor(rows)
+        return RouterInputs([self.states[i] for i in rows], self.logits[idx], self.hidden[idx], self.proposed[idx],
+                            self.embed)
+
 
 @dataclass(frozen=True)
 class RouterContext:

@@ -4,6 +4,8 @@
     {"policy": "entropy", "threshold": 0.6}        -> the same
     "speculative:4" / {"policy": "speculative", "k": 4}
     "neural" / "neural:demo" / "neural:demo:0.4" / {"policy": "neural", "router": "demo", "threshold": 0.4}
+    "neural:demo:share=0.03" / {"policy": "neural", "router": "demo", "large_share": 0.03}  (a budget: the
+        threshold comes from the router's calibration table)
 
 A spec is a value (frozen, hashable): the engine builds one router per distinct spec and shares it
 between the sequences that name it. Neural routers are named, never given by path: the engine knows
@@ -20,7 +22,7 @@ from typing import Any
 from collab_decode.routing.registry import POLICIES
 
 ROUTER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
-_OBJECT_KEYS = ("policy", "threshold", "k", "router")
+_OBJECT_KEYS = ("policy", "threshold", "k", "router", "large_share")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class RoutingSpec:
     threshold: float | None = None  # random: p; entropy, step-entropy: nats; confidence, neural: probability
     k: int | None = None  # speculative: drafts per verification
     router: str | None = None  # neural: the router's name (None: the engine's first router)
+    large_share: float | None = None  # neural: a large-share budget instead of a threshold
 
     def __post_init__(self):
         info = POLICIES.get(self.policy)
@@ -41,6 +44,8 @@ class RoutingSpec:
             _check_k(self)
         elif self.k is not None:
             raise ValueError(f"policy {self.policy!r} takes no k")
+        if self.large_share is not None:
+            _check_share(self)
         if info.argument == "threshold":
             _check_threshold(self, info)
         elif self.threshold is not None:
@@ -55,6 +60,8 @@ class RoutingSpec:
         parts = [self.policy] + ([self.router] if self.router else [])
         if self.k is not None:
             parts.append(str(self.k))
+        if self.large_share is not None:
+            parts.append(f"share={self.large_share!r}")
         if self.threshold is not None:
             parts.append(f"{self.threshold:g}" if float(f"{self.threshold:g}") == self.threshold
                          else repr(self.threshold))
@@ -67,6 +74,16 @@ def _check_k(spec: RoutingSpec) -> None:
         raise ValueError(f"policy {spec.policy!r} needs k, e.g. {spec.policy}:4")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
         raise ValueError(f"speculative:k needs an integer 1 <= k <= 16, got {k!r}")
+
+
+def _check_share(spec: RoutingSpec) -> None:
+    s = spec.large_share
+    if spec.policy != "neural":
+        raise ValueError(f"a large-share budget needs a calibrated router (neural), not {spec.policy!r}")
+    if spec.threshold is not None:
+        raise ValueError("give a threshold or a large_share budget, not both")
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 < s <= 1:
+        raise ValueError(f"large_share must be a number in (0, 1], got {s!r}")
 
 
 def _check_threshold(spec: RoutingSpec, info) -> None:
@@ -116,10 +133,14 @@ def _number(text: str, name: str) -> float:
 
 
 def _neural(arg: str) -> RoutingSpec:
-    """neural[:NAME][:t]: a lone argument that reads as a number is the threshold."""
+    """neural[:NAME][:t | :share=S]: a lone argument that reads as a number is the threshold."""
     if not arg:
         return RoutingSpec("neural")
     head, sep, tail = arg.partition(":")
+    if head.startswith("share="):
+        head, sep, tail = "", ":", head
+    if sep and tail.startswith("share="):
+        return RoutingSpec("neural", large_share=_number(tail[len("share="):], "neural"), router=head or None)
     if sep:
         return RoutingSpec("neural", threshold=_number(tail, "neural"), router=head or None)
     try:
@@ -142,4 +163,4 @@ def _from_object(obj: dict[str, Any]) -> RoutingSpec:
     k = obj.get("k")
     if isinstance(k, float) and k.is_integer():
         k = int(k)
-    return RoutingSpec(policy, threshold=obj.get("threshold"), k=k, router=router)
+    return RoutingSpec(policy, threshold=obj.get("threshold"), k=k, router=router, large_share=obj.get("large_share"))

@@ -1,0 +1,107 @@
+"""The router trainer and its checkpoints: learning a separable rule, metrics, calibration, round trips,
+refusals of mismatched and corrupted checkpoints, share budgets answered from the calibration table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from collab_decode.routing import RouterContext, build_router, parse_routing
+from collab_decode.routing.neural import load_router, save_router
+from collab_decode.trainer.metrics import calibration_table, pr_auc, roc_auc, threshold_for_recall
+from collab_decode.trainer.train import TrainSettings, fit, predict
+
+HIDDEN, TOP_K = 8, 6
+
+
+def synthetic(num_rows: int = 6000, seed: int = 0):
+    """Router features of random positions; divergent when a hidden unit and an embedding unit are both high
+    (a rule no single logit-based signal sees). 200 queries of 30 rows each."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(num_rows, 2 * HIDDEN + TOP_K, generator=g)
+    divergent = ((features[:, 0] > 0.8) & (features[:, HIDDEN] > 0.8)).float()
+    query = torch.arange(num_rows) // 30
+    return features.half(), divergent, query
+
+
+def test_metrics_on_hand_made_cases():
+    scores, labels = torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])
+    assert roc_auc(scores, labels) == pytest.approx(0.75)
+    assert pr_auc(scores, labels) == pytest.approx((1 + 2 / 3) / 2)
+    assert roc_auc(torch.full((4,), 0.5), labels) == pytest.approx(0.5)  # ties count half
+    table = calibration_table(scores, labels, num_points=50)
+    assert all(0 <= r["recall"] <= 1 and 0 <= r["large_share"] <= 1 for r in table)
+    row = threshold_for_recall(table, 1.0)
+    assert row["recall"] == 1.0 and row["threshold"] < 0.35
+
+
+def test_training_learns_a_separable_rule():
+    features, divergent, query = synthetic()
+    val = query >= 160  # by query: the last 40 queries
+    model, log = fit(features, divergent, ~val, val, HIDDEN, TOP_K, TrainSettings(epochs=60, patience=10),
+                     progress=False)
+    scores = predict(model, features[val])
+    assert roc_auc(scores, divergent[val]) > 0.95
+    assert log["epochs"][-1]["epoch"] >= 2
+
+
+@pytest.fixture
+def trained(tmp_path):
+    features, divergent, query = synthetic(1500)
+    val = query >= 40
+    model, _ = fit(features, divergent, ~val, val, HIDDEN, TOP_K, TrainSettings(epochs=3), progress=False)
+    table = calibration_table(predict(model, features[val]), divergent[val])
+    config = {"hidden_size": HIDDEN, "top_k": TOP_K, "width": 64, "num_layers": 2, "threshold": 0.5,
+              "calibration": table, "pair": {"fingerprint": "sha256:pair-a"}}
+    save_router(tmp_path / "r", model, config)
+    return tmp_path / "r", model, table
+
+
+def test_checkpoint_round_trips_exactly(trained):
+    path, model, _ = trained
+    loaded = load_router(path, HIDDEN, "sha256:pair-a")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor)
+    x = torch.randn(5, 2 * HIDDEN + TOP_K)
+    assert torch.equal(loaded.model(x), model(x))
+
+
+def test_mismatched_and_corrupted_checkpoints_are_refused(trained):
+    path, _, _ = trained
+    with pytest.raises(ValueError, match="trained for another pair"):
+        load_router(path, HIDDEN, "sha256:pair-b")
+    with pytest.raises(ValueError, match="hidden size"):
+        load_router(path, HIDDEN + 1)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        load_router(path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid router config"):
+        load_router(path)
+
+
+def test_a_share_budget_gets_its_threshold_from_the_calibration_table(trained):
+    path, _, table = trained
+    context = RouterContext(HIDDEN, {"mine": load_router(path, HIDDEN)})
+    for budget in (0.05, 0.2, 0.5):
+        router = build_router(parse_routing({"policy": "neural", "router": "mine", "large_share": budget}), context)
+        within = [r for r in table if r["large_share"] <= budget]
+        assert router.threshold == min(r["threshold"] for r in within)
+        row = next(r for r in table if r["threshold"] == router.threshold)
+        assert row["large_share"] <= budget
+    assert build_router(parse_routing("neural:mine"), context).threshold == 0.5  # the calibrated default
+    assert build_router(parse_routing("neural:mine:0.7"), context).threshold == 0.7
+
+
+def test_a_router_without_a_table_refuses_a_budget(tmp_path, trained):
+    path, model, _ = trained
+    config = json.loads((path / "config.json").read_text())
+    del config["calibration"]
+    save_router(tmp_path / "bare", model, config)
+    context = RouterContext(HIDDEN, {"bare": load_router(tmp_path / "bare")})
+    with pytest.raises(ValueError, match="no calibration table"):
+        build_router(parse_routing("neural:bare:share=0.1"), context)
