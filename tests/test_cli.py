@@ -18,6 +18,7 @@ import torch
 
 from collab_decode.cli import HIGHLIGHT, RESET, build_parser, main
 from collab_decode.engine.args import engine_from_args
+from tests.backends.test_remote_cli import REMOTE_FLAGS_CHECKED
 from tests.utils import make_pair, save_tiny_lm
 
 PROMPT = "Ann has 3"  # the tiny small and large models continue it differently
@@ -258,7 +259,8 @@ def test_every_generate_flag_is_checked_here():
     """A new flag of `generate` fails this until a test above checks its effect and it joins the list."""
     gen = build_parser()._subparsers._group_actions[0].choices["generate"]
     flags = {s for a in gen._actions for s in a.option_strings if s.startswith("--")}
-    assert flags == GENERATE_FLAGS_CHECKED
+    # the --large-* flags are checked in tests/backends/test_remote_cli.py
+    assert flags == GENERATE_FLAGS_CHECKED | REMOTE_FLAGS_CHECKED
 
 
 def test_terminal_output_highlights_the_large_models_tokens(capsys, pair):

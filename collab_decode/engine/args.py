@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
+from collab_decode.backends.remote import API_KEY_ENV as REMOTE_API_KEY_ENV
+from collab_decode.backends.remote import RemoteConfig, remote_fields
 from collab_decode.engine.config import EngineConfig
 from collab_decode.engine.scheduler import SchedulerConfig
 
@@ -25,7 +28,8 @@ def _flag(f: dataclasses.Field) -> tuple[str, str]:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Model selection, neural routers, plus one flag per EngineConfig / SchedulerConfig field."""
+    """Model selection, neural routers, a remote large model (one --large-* flag per RemoteConfig field),
+    plus one flag per EngineConfig / SchedulerConfig field."""
     g = parser.add_argument_group("models")
     g.add_argument("--model", help="a single model directory (Hugging Face format)")
     g.add_argument("--pair", help="a shipped pair by name: demo")
@@ -39,6 +43,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--router", action="append", default=[], metavar="NAME=DIR",
                    help="a neural router checkpoint requests may name (repeatable; NAME defaults to the directory's "
                         "name; the first is what `neural` alone uses)")
+    r = parser.add_argument_group("remote large model (an OpenAI-compatible endpoint: vLLM, collab-decode)")
+    for f in remote_fields():
+        r.add_argument("--large-" + f.name.replace("_", "-"), dest="large_" + f.name, type=f.metadata["type"] or
+                       type(f.default), default=f.default, help=f"{f.metadata['help']} (default: {f.default!r})")
     e = parser.add_argument_group("engine")
     for cls in CONFIGS:
         for f in dataclasses.fields(cls):
@@ -62,6 +70,14 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**values(EngineConfig), scheduler=SchedulerConfig(**values(SchedulerConfig)))
 
 
+def remote_from_args(args: argparse.Namespace) -> RemoteConfig | None:
+    """The remote large model's settings, or None when --large-url is not given."""
+    if args.large_url is None:
+        return None
+    values = {f.name: getattr(args, "large_" + f.name) for f in remote_fields()}
+    return RemoteConfig(**values, api_key=os.environ.get(REMOTE_API_KEY_ENV) or None)
+
+
 def routers_from_args(values: list[str]) -> dict[str, Path]:
     """["NAME=DIR" | "DIR", ...] -> {name: dir}, in order; ValueError on a repeated name."""
     routers: dict[str, Path] = {}
@@ -78,11 +94,15 @@ def engine_from_args(args: argparse.Namespace, policy_needs_large: bool = True):
     from collab_decode.engine.loading import build_engine, resolve_pair
 
     small, large = resolve_pair(args.pair, args.small, args.large)
+    remote = remote_from_args(args)
     if args.model:
-        if small or large:
-            raise SystemExit("error: give either --model or a pair (--pair / --small and --large), not both")
+        if small or large or remote:
+            raise SystemExit("error: give either --model or a pair (--pair / --small and --large or --large-url), "
+                             "not both")
         small = args.model
     if small is None:
-        raise SystemExit("error: no model: give --model DIR, --pair demo, or --small DIR --large DIR")
-    return build_engine(small, large if policy_needs_large else None, args.backend, args.dtype, args.device,
-                        config_from_args(args), args.compile, routers_from_args(args.router))
+        raise SystemExit("error: no model: give --model DIR, --pair demo, or --small DIR --large DIR (or --large-url)")
+    if not policy_needs_large:
+        large = remote = None
+    return build_engine(small, large, args.backend, args.dtype, args.device, config_from_args(args), args.compile,
+                        routers_from_args(args.router), remote)

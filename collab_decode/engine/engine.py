@@ -6,6 +6,7 @@ step() is the whole token path, in public parts:
     proposals, view = run_small(plan)                 small forward (catch-up chunks + decodes), proposals
     routed = route(proposals, view)                   each distinct router asked once, batched
     run_large(routed, proposals)                      the large model catches up and writes routed tokens
+                                                      (a BackendError ends only the requests it names)
     outputs = postprocess(proposals)                  append, stop rule, stream (engine/output.py)
     outputs += speculative_step(seqs, ...)            draft/verify sequences (engine/speculative.py)
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from collab_decode.backends.base import Backend
+from collab_decode.backends.base import Backend, BackendError, unavailable_reason
 from collab_decode.engine.config import EngineConfig
 from collab_decode.engine.output import OutputProcessor, RequestOutput
 from collab_decode.engine.runner import ModelRunner, StepTimes
@@ -42,9 +43,10 @@ ROUTER_CACHE_SIZE = 64  # routers kept for distinct specs (a request naming a ne
 
 class Engine:
     def __init__(self, small: Backend, tokenizer, config: EngineConfig | None = None, large: Backend | None = None,
-                 routers: Mapping[str, str | Path] | None = None):
+                 routers: Mapping[str, str | Path] | None = None, fingerprint: str | None = None):
         """`routers`: neural router checkpoints by name, loaded now; requests name them (the first is the
-        default of a spec that names none)."""
+        default of a spec that names none). `fingerprint`: the pair's (collab_decode.pairs); a router trained
+        for another pair is refused."""
         self.config = config or EngineConfig()
         self.backends = {SMALL: small} if large is None else {SMALL: small, LARGE: large}
         self.tokenizer = tokenizer
@@ -60,7 +62,7 @@ class Engine:
         self.output = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len, self.config.step_delimiter,
                                       self._finish)
         self.router_context = RouterContext(small.hidden_size, {
-            name: load_router(path, small.hidden_size) for name, path in (routers or {}).items()})
+            name: load_router(path, small.hidden_size, fingerprint) for name, path in (routers or {}).items()})
         self._routers: OrderedDict[RoutingSpec, Router | None] = OrderedDict()  # most recently used last
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
@@ -133,6 +135,18 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def close(self) -> None:
+        """Let go of what the backends hold outside this process (a remote backend's connections)."""
+        for backend in self.backends.values():
+            if hasattr(backend, "close"):
+                backend.close()
+
+    def unavailable_models(self) -> dict[str, str]:
+        """Models that cannot serve now, with why (a remote endpoint that is down). Safe from any thread:
+        it reads only the backends' own thread-safe state."""
+        reasons = {name: unavailable_reason(b) for name, b in self.backends.items()}
+        return {name: reason for name, reason in reasons.items() if reason is not None}
+
     # ---- the step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -142,8 +156,8 @@ class Engine:
         token_plan, spec_seqs = self.split_speculative(plan)
         proposals, small_view = self.run_small(token_plan)  # seq_id -> proposed token; the small model's view
         routed = self.route(proposals, small_view)
-        self.run_large(routed, proposals)
-        outputs = self.postprocess(proposals)
+        failed = self.run_large(routed, proposals)
+        outputs = failed + self.postprocess(proposals)
         if spec_seqs:
             outputs += speculative_step(spec_seqs, self.runner, self.scheduler, self.output)
         self.runner.times.total = time.perf_counter() - t0
@@ -199,9 +213,7 @@ class Engine:
             if seq.uses_large and (seq.mode == "token" or seq.step_owner is None):
                 groups.setdefault(id(seq.router), []).append(i)
         for rows in groups.values():
-            idx, all_rows = torch.tensor(rows), view.inputs
-            inputs = RouterInputs([all_rows.states[i] for i in rows], all_rows.logits[idx], all_rows.hidden[idx],
-                                  all_rows.proposed[idx], all_rows.embed)
+            inputs = view.inputs if len(rows) == len(seqs) else view.inputs.select(rows)  # usually one router
             for i, routed in zip(rows, seqs[rows[0]].router.decide(inputs).tolist()):
                 seq = seqs[i]
                 proposals[seq.seq_id].routed = routed
@@ -209,24 +221,33 @@ class Engine:
                     seq.step_owner = LARGE if routed else SMALL
         return [p.seq for p in proposals.values() if p.routed]
 
-    def run_large(self, routed: list[Sequence], proposals: dict[int, "Proposal"]) -> None:
-        """The large model catches up on each routed sequence's backlog and writes its next token."""
+    def run_large(self, routed: list[Sequence], proposals: dict[int, "Proposal"]) -> list[RequestOutput]:
+        """The large model catches up on each routed sequence's backlog and writes its next token. Returns
+        the outputs of requests it failed: those a BackendError names end with an error; the rest of the
+        batch commit nothing this step, and next step (their small backlog empty) go to the large model
+        again without a new routing decision."""
         if not routed:
-            return
+            return []
         for seq in self.scheduler.reserve(LARGE, routed, [s.num_tokens for s in routed]):
             proposals.pop(seq.seq_id, None)  # preempted: it will recompute from scratch
         routed = [s for s in routed if s.seq_id in proposals]
         if not routed:
-            return
-        for seq in routed:
-            backlog = seq.num_tokens - seq.num_cached[LARGE]
-            if seq.num_cached[LARGE] > 0 or seq.num_output_tokens > 0:
-                seq.stats.num_catchup_tokens += backlog - 1
+            return []
+        backlogs = [s.num_tokens - s.num_cached[LARGE] for s in routed]
+        catching_up = [s.num_cached[LARGE] > 0 or s.num_output_tokens > 0 for s in routed]
+        try:
+            out = self.runner.forward(LARGE, routed, backlogs)
+        except BackendError as e:  # e.g. the remote endpoint is down: end the requests it names
+            for seq in routed:
+                proposals.pop(seq.seq_id, None)  # the others write this token next step
+            return [self.output.fail(s, e.errors[s.seq_id]) for s in routed if s.seq_id in e.errors]
+        for seq, backlog, catchup in zip(routed, backlogs, catching_up):
+            seq.stats.num_catchup_tokens += backlog - 1 if catchup else 0
             seq.stats.num_large_calls += 1
-        out = self.runner.forward(LARGE, routed, [s.num_tokens - s.num_cached[LARGE] for s in routed])
         sample = self.runner.sample(out.logits, routed)
         for j, seq in enumerate(routed):
             proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j, routed=True, source=LARGE)
+        return []
 
     def postprocess(self, proposals: dict[int, "Proposal"]) -> list[RequestOutput]:
         """Commit each sequence's token and decide whether its request ends."""
@@ -234,7 +255,7 @@ class Engine:
         for p in proposals.values():
             if p.sample is None or p.seq.finished:
                 continue
-            self.output.append(p.seq, int(p.sample.token_ids[p.row]), p.source, p.sample, p.row)
+            self.output.append(p.seq, p.sample.token_id_list[p.row], p.source, p.sample, p.row)
             outputs.append(self.output.postprocess(p.seq, 1))
         return outputs
 
@@ -305,9 +326,10 @@ class Generation:
     stats: dict
     prompt_token_ids: list[int]
     logprobs: list[float]
+    error: str | None = None  # why it failed (finish_reason "error")
 
     @classmethod
     def from_sequence(cls, seq: Sequence) -> "Generation":
         return cls(text=seq.output_text, token_ids=seq.output_ids, provenance=list(seq.provenance),
                    finish_reason=seq.finish_reason, stats=seq.stats.as_dict(),
-                   prompt_token_ids=list(seq.prompt_ids), logprobs=list(seq.logprobs))
+                   prompt_token_ids=list(seq.prompt_ids), logprobs=list(seq.logprobs), error=seq.error)

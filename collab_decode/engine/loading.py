@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from collab_decode.backends.remote import RemoteConfig
 from collab_decode.engine.config import EngineConfig
 from collab_decode.engine.engine import Engine
 from collab_decode.pairs import pair_dir
@@ -57,12 +58,27 @@ def resolve_pair(pair: str | None, small: str | None, large: str | None) -> tupl
 
 def build_engine(small: str | Path, large: str | Path | None = None, backend: str = "native", dtype: str = "float32",
                  device: str = "cpu", config: EngineConfig | None = None, compile: bool = False,
-                 routers: Mapping[str, str | Path] | None = None) -> Engine:
+                 routers: Mapping[str, str | Path] | None = None, remote: RemoteConfig | None = None) -> Engine:
     """Check the pair's tokenizers before any weights load, then load both backends (and the named neural
-    router checkpoints requests may use)."""
+    router checkpoints requests may use). With `remote`, the large model is its endpoint (`large`, if given,
+    is read for its tokenizer only)."""
     tokenizer = load_tokenizer(small)
     if large is not None:
         check_same_tokenizer(tokenizer, load_tokenizer(large), small, large)
     small_backend = load_backend(small, backend, dtype, device, compile)
-    large_backend = load_backend(large, backend, dtype, device, compile) if large is not None else None
-    return Engine(small_backend, tokenizer, config, large_backend, routers)
+    if remote is not None:
+        from collab_decode.backends.remote import RemoteBackend
+
+        large_backend = RemoteBackend.connect(remote, min(small_backend.vocab_size, len(tokenizer)), tokenizer)
+    else:
+        large_backend = load_backend(large, backend, dtype, device, compile) if large is not None else None
+    return Engine(small_backend, tokenizer, config, large_backend, routers, fingerprint_of(small, tokenizer))
+
+
+def fingerprint_of(small: str | Path, tokenizer) -> str:
+    """The pair fingerprint routers and label datasets record: the tokenizer's vocabulary + the small config."""
+    import json
+
+    from collab_decode.pairs import pair_fingerprint
+
+    return pair_fingerprint(tokenizer.get_vocab(), json.loads((Path(small) / "config.json").read_text()))

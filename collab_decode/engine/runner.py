@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from collab_decode.backends.base import Backend, ModelInput, ModelOutput, SeqChunk
+from collab_decode.engine.output import record_prompt_logprobs
 from collab_decode.engine.sequence import SMALL, Sequence
 from collab_decode.kvcache import KVCacheManager
 from collab_decode.sampling import SampleOutput, Sampler
@@ -37,12 +38,14 @@ class ModelRunner:
 
     def forward(self, model: str, seqs: list[Sequence], num_new: list[int], all_positions: bool = False
                 ) -> ModelOutput:
-        """Run `model` on each seq's next num_new tokens from its num_cached; advance num_cached."""
+        """Run `model` on each seq's next num_new tokens from its num_cached; advance num_cached. Sequences
+        that asked for prompt logprobs get them from the first model whose chunks cover their prompt."""
         chunks = []
         for seq, n in zip(seqs, num_new):
             start = seq.num_cached[model]
             chunks.append(SeqChunk(seq.seq_id, seq.token_ids[start:start + n], start,
-                                   self.kv[model].block_table(seq.seq_id), all_positions))
+                                   self.kv[model].block_table(seq.seq_id),
+                                   all_positions or seq.needs_prompt_logprobs))
         t0 = time.perf_counter()
         out = self.backends[model].forward(ModelInput(chunks))
         elapsed = time.perf_counter() - t0
@@ -50,7 +53,9 @@ class ModelRunner:
             self.times.small_forward += elapsed
         else:
             self.times.large_forward += elapsed
-        for seq, n in zip(seqs, num_new):
+        for seq, chunk, n in zip(seqs, chunks, num_new):
+            if seq.needs_prompt_logprobs:
+                record_prompt_logprobs(seq, chunk.num_cached, out.all_logits[seq.seq_id][:, :self.vocab_size])
             seq.num_cached[model] += n
         return out
 

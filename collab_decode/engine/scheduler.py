@@ -94,7 +94,7 @@ class Scheduler:
             out.seqs.append(seq)
             out.num_new_tokens.append(0)
             return budget - 1
-        num_new = min(len(seq.backlog(SMALL)), budget)
+        num_new = min(seq.num_tokens - seq.num_cached[SMALL], budget)  # its backlog, within the budget
         target = seq.num_cached[SMALL] + num_new
         if not self._make_room(SMALL, seq, target, out):
             return budget  # it was the youngest: preempted itself

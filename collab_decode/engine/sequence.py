@@ -59,8 +59,11 @@ class Sequence:
     provenance: list[str] = field(default_factory=list)  # SMALL or LARGE per output token
     logprobs: list[float] = field(default_factory=list)  # chosen-token logprob per output token, if asked
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # if asked: per prompt token, None for the first, then (its logprob, its rank, [(id, logprob)] top-n)
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]] | None] = field(default_factory=list)
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # why the request failed (finish reason "error"), e.g. the large model's endpoint is down
     output_text: str = ""  # detokenized output emitted so far, truncated at a stop string
     decoded_text: str = ""  # everything detokenized so far (may run ahead of output_text)
     detok_offsets: tuple[int, int] = (0, 0)  # output tokens [prefix, read): the incremental decode window
@@ -113,6 +116,11 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """The request asked for prompt logprobs and the prompt has not been scored yet."""
+        return self.sampling.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     def backlog(self, model: str) -> list[int]:
         """The tokens `model` has not processed yet: its next forward chunk."""

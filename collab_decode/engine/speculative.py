@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from collab_decode.backends.base import BackendError
 from collab_decode.engine.output import OutputProcessor, RequestOutput
 from collab_decode.engine.runner import ModelRunner
 from collab_decode.engine.scheduler import Scheduler
@@ -83,7 +84,10 @@ def speculative_step(seqs: list[Sequence], runner: ModelRunner, scheduler: Sched
     if not seqs:
         return []
     num_new = [s.num_tokens - s.num_cached[LARGE] for s in seqs]
-    out = runner.forward(LARGE, seqs, num_new, all_positions=True)
+    try:
+        out = runner.forward(LARGE, seqs, num_new, all_positions=True)
+    except BackendError as e:  # e.g. the remote endpoint is down
+        return _abandon_drafts(scheduler, output, seqs, base, e)
     outputs = []
     for seq, n0, chunk_len in zip(seqs, base, num_new):
         drafts = seq.token_ids[n0:]
@@ -94,6 +98,16 @@ def speculative_step(seqs: list[Sequence], runner: ModelRunner, scheduler: Sched
         seq.stats.num_large_calls += 1
         outputs.append(_commit(scheduler, output, seq, committed, len(committed) - 1, logits))
     return outputs
+
+
+def _abandon_drafts(scheduler: Scheduler, output: OutputProcessor, seqs: list[Sequence], base: list[int],
+                    error: BackendError) -> list[RequestOutput]:
+    """Verification failed: drop every draft and roll the small cache back so that the newest committed
+    token is fed again next step; end the requests the error names, the others draft again next step."""
+    for seq, n0 in zip(seqs, base):
+        del seq.token_ids[n0:]
+        scheduler.truncate(seq, SMALL, min(seq.num_cached[SMALL], n0 - 1))
+    return [output.fail(s, error.errors[s.seq_id]) for s in seqs if s.seq_id in error.errors]
 
 
 def _commit(scheduler: Scheduler, output: OutputProcessor, seq: Sequence, committed: list[int], num_kept: int,

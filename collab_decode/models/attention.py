@@ -24,6 +24,7 @@ class PrefillChunk:
     end: int  # one past its last token's index
     num_cached: int  # tokens already in the cache before this chunk
     block_table: torch.Tensor  # (num_blocks,) int64 physical blocks holding its first num_cached + chunk tokens
+    mask: torch.Tensor | None = None  # (G * S, L) bool causal mask, made by the first layer, shared by the rest
 
 
 @dataclass
@@ -69,6 +70,8 @@ class PagedAttention(nn.Module):
         v_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, v)
         if meta.only_decodes:
             return self._decode(q, k_cache, v_cache, meta)
+        if meta.decode_token_idx is None and len(meta.prefills) == 1:  # one chunk is the whole batch
+            return self._prefill(q, k_cache, v_cache, meta.prefills[0])
         out = q.new_empty(num_tokens, self.num_heads * self.head_dim)
         if meta.decode_token_idx is not None:
             out[meta.decode_token_idx] = self._decode(q[meta.decode_token_idx], k_cache, v_cache, meta)
@@ -101,8 +104,10 @@ class PagedAttention(nn.Module):
         q = q.reshape(1, self.num_kv_heads, self.group * s, self.head_dim)
         k = self._gather(k_cache, chunk.block_table[None])[:, :, :num_keys]
         v = self._gather(v_cache, chunk.block_table[None])[:, :, :num_keys]
-        query_pos = torch.arange(chunk.num_cached, num_keys, device=q.device)
-        mask = torch.arange(num_keys, device=q.device)[None, :] <= query_pos[:, None]  # (S, L) causal
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(self.group, 1), scale=self.scale)
+        if chunk.mask is None:  # every layer has the same layout: the first one builds the mask
+            query_pos = torch.arange(chunk.num_cached, num_keys, device=q.device)
+            causal = torch.arange(num_keys, device=q.device)[None, :] <= query_pos[:, None]  # (S, L)
+            chunk.mask = causal.repeat(self.group, 1)  # (G * S, L)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk.mask, scale=self.scale)
         o = o.view(self.num_kv_heads, self.group, s, self.head_dim).permute(2, 0, 1, 3)
         return o.reshape(s, self.num_heads * self.head_dim)

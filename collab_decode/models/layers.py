@@ -10,25 +10,29 @@ from torch import nn
 class Linear(nn.Linear):
     """nn.Linear, with the product on a CPU in float32 written the way decoding runs fastest there.
 
-    A decode step multiplies each weight by a few rows (one per sequence); PyTorch's default CPU product
-    (`x @ W.T`) is slow at that shape. Measured on this project's 2-core machine (a 20M model's 25
-    weights, ms per step; `python -m collab_decode.bench.engine_bench` measures the whole engine):
-      - 2 to 512 rows: `(W @ x.T).T`, the same product with the operands swapped, 8 instead of 17 ms at 2
-        rows, 30 instead of 50 at 16, about equal from 64 rows up (prefill).
+    A decode step multiplies each weight by a few rows (one per sequence), a catch-up chunk by a few
+    more; PyTorch's default CPU product (`x @ W.T`) is slow once rows x in_features passes a few
+    thousand, while the same product with the operands swapped, `(W @ x.T).T`, is slow below that.
+    Measured on this project's 2-core machine (best of 400 calls, the four weights of one layer, 2 threads):
+      - 256 wide (the demo large model): rows 2: 35 us `x @ W.T` against 121 swapped; 8: 69 / 122;
+        16: 143 / 116; 32: 197 / 165; 64: about equal (316 / 344).
+      - 512 wide (a 20M model): rows 2: 230 / 415; 4: 363 / 409; 8: 498 / 436; 16: 802 / 410.
+      So the swapped product from SWAP_MIN_ELEMENTS = rows x in_features up (16 rows at 256, 8 at 512).
       - 1 row inside torch.compile: as a sum of products, which the compiler turns into one fused pass
-        over the weight; 5.3 instead of 11.9 ms. Eagerly this would build W * x in memory, and the
-        swapped product is no faster at 1 row (on the demo pair's 256-wide large model, 5-10% slower),
-        so one row outside torch.compile stays `x @ W.T`.
+        over the weight; 5.3 instead of 11.9 ms on the 20M model. Eagerly this would build W * x in memory,
+        and the swapped product is no faster at 1 row, so one row outside torch.compile stays `x @ W.T`.
     Elsewhere (CUDA, other dtypes) it is nn.Linear unchanged.
     """
+
+    SWAP_MIN_ELEMENTS = 4096  # rows x in_features from which `(W @ x.T).T` beats `x @ W.T` (measured above)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
             return super().forward(x)
-        if x.shape[0] == 1:
-            if not torch.compiler.is_compiling():
-                return super().forward(x)
+        if x.shape[0] == 1 and torch.compiler.is_compiling():
             y = (self.weight * x).sum(dim=-1)[None]  # (1, out)
+        elif x.shape[0] * x.shape[1] < self.SWAP_MIN_ELEMENTS:
+            return super().forward(x)
         else:
             y = torch.mm(self.weight, x.t()).t()  # (rows, out), a transposed view
         return y if self.bias is None else y + self.bias
@@ -41,5 +45,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one op instead of three (the same products: x * rsqrt(...) * weight)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # normalise in float32 (as transformers does), scale in the model's dtype
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)

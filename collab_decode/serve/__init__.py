@@ -6,6 +6,7 @@
                         |
                async_engine.py: AsyncEngine -- commands --> engine thread: Engine.add_request / abort / step
                                 RequestStream <-- Delta per step (loop.call_soon_threadsafe)
-                        |
+                        |        (`serve`: the engine thread drives the engine in a process of its own,
+                        |         engine_core.py: EngineCoreClient <-- pipe --> the engine process)
                metrics.py (Prometheus, own registry)     server.py: both servers, one process    cli.py: `serve`
 """

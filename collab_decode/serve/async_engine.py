@@ -8,8 +8,14 @@ Data flow:
                    there is work, sleep on the Condition otherwise
                    Engine.step() -> RequestOutput per request -> Delta (a snapshot: the Sequence keeps
                    changing on this thread) -> loop.call_soon_threadsafe -> the stream's asyncio.Queue
-    asyncio task: async for delta in stream (ends after the delta with finished=True)
+    asyncio task: async for delta in stream (ends after the delta with finished=True, or raises
+                  RequestFailed for a request the engine ended with an error, e.g. the large model's
+                  endpoint is down)
 
+The engine thread also builds the Engine when given a function that builds one, so all of the models'
+torch work (load, warm-up, steps) happens on that one thread: on a CPU, torch ops from a second thread
+run ~3x slower once another thread has run any (docs/benchmarks.md). `serve` goes further and gives an
+EngineProcess: the engine thread then drives an engine in a process of its own (serve/engine_core.py).
 The Engine is not thread-safe: only the engine thread touches it. add_request resolves only once the
 engine has accepted the request, so a bad request raises ValueError in the caller (HTTP 400, gRPC
 INVALID_ARGUMENT) before any output, and the engine thread carries on. At most `max_queue` requests
@@ -24,9 +30,11 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 from collab_decode.routing import RoutingSpec
 from collab_decode.sampling import SamplingParams
+from collab_decode.serve.engine_core import EngineCoreClient
 from collab_decode.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -36,7 +44,12 @@ class EngineBusy(Exception):
     """The server holds max_queue requests already; the caller should retry later."""
 
 
-class EngineStopped(RuntimeError):
+class RequestFailed(RuntimeError):
+    """The request ended without finishing: a model could not run it (e.g. the large model's endpoint is
+    down; the server serves everyone else) or the engine stopped. HTTP 503, gRPC UNAVAILABLE."""
+
+
+class EngineStopped(RequestFailed):
     """The engine thread stopped (shutdown or a failed step) before the request finished."""
 
 
@@ -49,6 +62,7 @@ class Delta:
     provenance: list[str]  # "small" / "large" per new token
     logprobs: list[float]  # chosen-token logprob per new token (empty unless asked)
     top_logprobs: list[list[tuple[int, float]]]  # per new token: (token id, logprob) of the top n, if asked
+    prompt_logprobs: list | None  # Sequence.prompt_logprobs, on a request's first delta if asked; else None
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort" at the end
     num_prompt_tokens: int
@@ -61,7 +75,7 @@ class _Request:
     sampling: SamplingParams
     routing: RoutingSpec | str | None  # None: the engine's default policy
     accepted: asyncio.Future  # resolves when the engine has queued the request (or raises its error)
-    outputs: asyncio.Queue  # Delta | Exception, in order
+    outputs: asyncio.Queue  # Delta | Exception (RequestFailed), in order
     closed: bool = False  # loop side: finished, failed or aborted (its admission slot is free again)
     seq_id: int | None = None  # engine thread only
     num_sent: int = 0  # output tokens already delivered (engine thread only)
@@ -126,9 +140,12 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(self, engine, max_queue: int = 256, metrics: ServerMetrics | None = None):
+        """`engine`: an Engine, or a function that builds one; the engine thread calls it (see above).
+        Either way `self.engine` is the Engine once `wait_ready()` returned."""
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        self.engine = engine
+        self._build: Callable = engine if callable(engine) else (lambda: engine)
+        self.engine = None if callable(engine) else engine
         self.max_queue = max_queue
         self.metrics = metrics or ServerMetrics()
         self.num_in_flight = 0  # loop side only
@@ -138,14 +155,20 @@ class AsyncEngine:
         self._active: dict[int, _Request] = {}  # seq_id -> request; engine thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._ready: asyncio.Future | None = None  # set once the engine thread holds a built Engine
 
     # ---- loop side ------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will read the outputs."""
+        """Start the engine thread (which builds the engine first, if given a builder); call from the
+        event loop that will read the outputs. Requests may be queued at once; `await wait_ready()`."""
         self._loop = asyncio.get_running_loop()
-        self.metrics.set_engine_state(self.engine)
+        self._ready = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, name="collab-decode-engine", daemon=True)
         self._thread.start()
+
+    async def wait_ready(self) -> None:
+        """Return once the engine is built; raise what building it raised (the thread has then ended)."""
+        await asyncio.shield(self._ready)
 
     async def stop(self) -> None:
         with self._cond:
@@ -217,6 +240,17 @@ class AsyncEngine:
 
     # ---- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self.engine = self._build()
+            self.metrics.set_engine_state(self.engine)
+            self.metrics.watch_models(self.engine)
+        except BaseException as e:  # SystemExit too: a thread would swallow it; the caller re-raises it
+            with self._cond:
+                self._stopping = True  # later add_request calls raise EngineStopped
+            self._post(_settle, self._ready, e)
+            self._fail_all(EngineStopped(f"the engine could not be built: {e!r}"))
+            return
+        self._post(_settle, self._ready, None)
         while True:
             with self._cond:
                 while not (self._commands or self._stopping or self.engine.has_unfinished()):
@@ -233,6 +267,8 @@ class AsyncEngine:
                 self._step()
             self.metrics.set_engine_state(self.engine)
         self._fail_all(EngineStopped("the server is shutting down"))
+        if isinstance(self.engine, EngineCoreClient):
+            self.engine.close()
 
     def _add(self, request: _Request) -> None:
         try:
@@ -257,13 +293,18 @@ class AsyncEngine:
             log.exception("engine step failed; failing the requests in flight")
             self._fail_all(EngineStopped(f"engine step failed: {e!r}"), include_queued=False)
             return
-        self.metrics.step_seconds.observe(time.perf_counter() - t0)
+        remote = isinstance(self.engine, EngineCoreClient)  # then: the engine process's own steps
+        for seconds in self.engine.step_seconds if remote else [time.perf_counter() - t0]:
+            self.metrics.step_seconds.observe(seconds)
         deliveries = []
         for out in outputs:
             request = self._active.get(out.seq_id)
             if request is None:
                 continue  # aborted meanwhile
-            deliveries.append((request, self._delta(request, out)))
+            if out.finish_reason == "error":  # a model could not run it: fail it, keep serving the rest
+                deliveries.append((request, RequestFailed(out.seq.error)))
+            else:
+                deliveries.append((request, self._delta(request, out)))
             if out.finished:
                 del self._active[out.seq_id]
         if deliveries:
@@ -276,6 +317,8 @@ class AsyncEngine:
         request.num_sent = end
         return Delta(token_ids=list(out.new_token_ids), text=out.new_text, provenance=list(out.new_provenance),
                      logprobs=seq.logprobs[start:end], top_logprobs=seq.top_logprobs[start:end],
+                     prompt_logprobs=list(seq.prompt_logprobs) if start == 0 and seq.sampling.prompt_logprobs
+                     is not None else None,
                      finished=out.finished, finish_reason=out.finish_reason,
                      num_prompt_tokens=seq.num_prompt_tokens, stats=seq.stats.as_dict())
 
@@ -294,7 +337,8 @@ class AsyncEngine:
                 log.exception("abort of sequence %d failed", seq_id)
             self._post(request.outputs.put_nowait, error)
         self._active.clear()
-        self.metrics.set_engine_state(self.engine)
+        if self.engine is not None:
+            self.metrics.set_engine_state(self.engine)
 
     def _post(self, fn, *args) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,13 @@ from collab_decode.serve.server import ServeConfig
 API_KEY_ENV = "COLLAB_DECODE_API_KEY"
 # a pair with no policy named: ~15% large share on the demo pair (docs/results/pair)
 PAIR_DEFAULT_POLICY = "entropy:0.009"
+
+
+def default_threads() -> int:
+    """One torch thread fewer than this process may use, at least one: the event loop, the network and the
+    OS keep a core of their own (as vLLM's CPU backend reserves one for its API server). An OpenMP
+    thread that something else preempts stalls every op of the engine (docs/benchmarks.md)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else 1
 
 
 def add_serve_parser(sub) -> None:
@@ -46,6 +54,9 @@ def add_serve_parser(sub) -> None:
                    help="the model name requests use (default: the pair's name, or the model directories' names)")
     s.add_argument("--log-level", default=ServeConfig.log_level,
                    choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--threads", type=int, default=default_threads(),
+                   help="torch threads of the engine (default: the cores this process may use, less one for the "
+                        f"event loop and the network: {default_threads()} here)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -53,7 +64,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Serve's defaults that depend on other flags: the demo pair when no model is named; the default
     policy by whether there is a large model."""
     if not (args.pair or args.model or args.small or args.large):
-        args.pair = "demo"
+        args.pair = "demo"  # with --large-url alone: the demo small model beside the remote large one
     if args.default_policy is None:
         args.default_policy = "small" if args.model else PAIR_DEFAULT_POLICY
     return args
@@ -69,8 +80,9 @@ def served_model_name(args: argparse.Namespace) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from collab_decode.engine.args import engine_from_args
+    from collab_decode.engine.args import routers_from_args
     from collab_decode.routing import parse_routing
+    from collab_decode.serve.engine_core import EngineProcess
     from collab_decode.serve.requests import ServedModel
     from collab_decode.serve.server import Server
 
@@ -78,9 +90,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(host=args.host, port=args.port, grpc_port=args.grpc_port,
                          api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                          max_queue=args.max_queue, log_level=args.log_level)
-    engine = engine_from_args(args)
-    engine.router_for(parse_routing(args.default_policy))  # a bad default fails now, not on the first request
-    routers = tuple(engine.router_context.routers)  # names; requests never see paths
+    parse_routing(args.default_policy)  # a malformed default fails before any model loads
+    if args.threads < 1:
+        print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    routers = tuple(routers_from_args(args.router))  # names; requests never see paths
     small, large = engine_dirs(args)
     model = ServedModel(name=served_model_name(args), small_dir=str(small), large_dir=large, routers=routers)
 
@@ -90,6 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               + ("; API key required" if config.api_key else "") + ". Ctrl-C stops.", flush=True)
 
     try:
+        engine = EngineProcess(functools.partial(build_serving_engine, args))  # the engine in its own process
         asyncio.run(Server(engine, model, config).run_until_signal(announce))
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -97,8 +112,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_serving_engine(args: argparse.Namespace):
+    """The engine `serve` runs, built and warmed up by the thread that will step it: the main thread of the
+    engine process (serve/engine_core.py). No other thread of that process runs a torch op, which would
+    slow every op ~3x on a CPU, and the server's event loop, in its own process, takes no GIL from it
+    (docs/benchmarks.md)."""
+    import torch
+
+    from collab_decode.engine.args import engine_from_args
+    from collab_decode.routing import parse_routing
+    from collab_decode.sampling import SamplingParams
+
+    torch.set_num_threads(args.threads)  # no torch op has run yet: every op of the engine uses this many
+    engine = engine_from_args(args)
+    engine.router_for(parse_routing(args.default_policy))  # a bad default fails now, not on the first request
+    # warm up the local models on this thread: a prefill chunk, then decode steps (compiled, with --compile);
+    # a remote large model (a backend that reports `unavailable`) is left alone: it may not be up yet
+    warm_up = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompt = [i % engine.vocab_size for i in range(1, 9)]
+    large = engine.backends.get("large")
+    for policy in ["small"] + (["large"] if large is not None and not hasattr(large, "unavailable") else []):
+        engine.generate([prompt], warm_up, policy)
+    return engine
+
+
 def engine_dirs(args: argparse.Namespace) -> tuple[str, str | None]:
     from collab_decode.engine.loading import resolve_pair
 
     small, large = resolve_pair(args.pair, args.small, args.large)
-    return (small or args.model), large
+    return (small or args.model), (args.large_url or large)

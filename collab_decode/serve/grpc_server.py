@@ -1,7 +1,8 @@
 """The gRPC API (protos/collab_decode/v1/collab_decode.proto): a thin grpc.aio adapter over AsyncEngine.
 
 Generate collects a request's deltas into one response; GenerateStream sends each delta as it comes.
-Bad input -> INVALID_ARGUMENT, past the queue bound -> RESOURCE_EXHAUSTED, no or wrong key (metadata
+Bad input -> INVALID_ARGUMENT, past the queue bound -> RESOURCE_EXHAUSTED, a request a model could not
+run (the large model's endpoint is down) -> UNAVAILABLE, no or wrong key (metadata
 `authorization: Bearer KEY`) -> UNAUTHENTICATED. A cancelled call (client gone, deadline) cancels its
 handler, whose `async with stream` aborts the sequence. The standard health service runs beside it.
 """
@@ -16,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from collab_decode.routing import POLICY_NAMES
 from collab_decode.sampling import SamplingParams
-from collab_decode.serve.async_engine import AsyncEngine, Delta, EngineBusy, EngineStopped, RequestStream
+from collab_decode.serve.async_engine import AsyncEngine, Delta, EngineBusy, EngineStopped, RequestFailed, RequestStream
 from collab_decode.serve.grpc_gen import collab_decode_pb2 as pb
 from collab_decode.serve.grpc_gen import collab_decode_pb2_grpc as pb_grpc
 from collab_decode.serve.requests import ServedModel, chat_prompt_ids, routing_spec, text_prompt_ids
@@ -46,7 +47,7 @@ class CollabDecodeService(pb_grpc.CollabDecodeServicer):
                 async for delta in stream:
                     deltas.append(delta)
                     yield _response([delta], with_usage=delta.finished, usage_deltas=deltas)
-            except EngineStopped as e:
+            except RequestFailed as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.ServerInfo:
@@ -131,7 +132,7 @@ def _usage(deltas: list[Delta]) -> pb.Usage:
 async def _or_unavailable(awaitable, context):
     try:
         return await awaitable
-    except EngineStopped as e:
+    except RequestFailed as e:
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
 

@@ -33,6 +33,8 @@ class ServerMetrics:
         self.kv_blocks_used = Gauge("collab_decode_kv_blocks_used", "KV-cache blocks in use", ["pool"], registry=r)
         self.kv_blocks_total = Gauge("collab_decode_kv_blocks_total", "KV-cache blocks in the pool", ["pool"],
                                      registry=r)
+        self.model_available = Gauge("collab_decode_model_available", "1 while a model can serve, 0 while it "
+                                     "cannot (a remote large model whose endpoint is down)", ["model"], registry=r)
         self.ttft = Histogram("collab_decode_time_to_first_token_seconds", "Arrival to first output token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("collab_decode_request_latency_seconds", "Arrival to last output token of "
@@ -56,12 +58,21 @@ class ServerMetrics:
             self.large_share.set(self._num_large / total)
 
     def set_engine_state(self, engine) -> None:
-        """Queue depth and KV use; engine thread only (reads the engine)."""
-        self.waiting.set(len(engine.scheduler.waiting))
-        self.running.set(len(engine.scheduler.running))
-        for pool, manager in engine.kv.items():
-            self.kv_blocks_used.labels(pool).set(manager.num_used_blocks)
-            self.kv_blocks_total.labels(pool).set(manager.pool.num_blocks)
+        """Queue depth and KV use; engine thread only (reads the engine, or the engine process's last report)."""
+        from collab_decode.serve.engine_core import EngineState
+
+        state = EngineState.of(engine)
+        self.waiting.set(state.num_waiting)
+        self.running.set(state.num_running)
+        for pool, used in state.kv_used.items():
+            self.kv_blocks_used.labels(pool).set(used)
+            self.kv_blocks_total.labels(pool).set(state.kv_total[pool])
+
+
+    def watch_models(self, engine) -> None:
+        """collab_decode_model_available reads the engine's models at each scrape (thread-safe state only)."""
+        for model in engine.backends:
+            self.model_available.labels(model).set_function(lambda m=model: m not in engine.unavailable_models())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

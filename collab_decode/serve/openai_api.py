@@ -1,7 +1,7 @@
 """The OpenAI-compatible REST API: a thin FastAPI adapter over AsyncEngine.
 
     /v1/completions, /v1/chat/completions  (stream: server-sent events, OpenAI chunks, then [DONE])
-    /v1/models, /health, /metrics (Prometheus)
+    /v1/models, /health (503 once the engine stopped; "degraded" while a remote model is down), /metrics
 
 Each generation request: parse (strict types) -> prompt ids + SamplingParams + routing spec ->
 AsyncEngine.add_request (400 if the engine refuses it, 429 past the queue bound) -> stream or collect.
@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from collab_decode.serve import protocol
-from collab_decode.serve.async_engine import AsyncEngine, Delta, EngineBusy, EngineStopped, RequestStream
+from collab_decode.serve.async_engine import AsyncEngine, Delta, EngineBusy, EngineStopped, RequestFailed, RequestStream
 from collab_decode.serve.metrics import CONTENT_TYPE_LATEST
 from collab_decode.serve.protocol import ChatCompletionRequest, CompletionRequest
 from collab_decode.serve.requests import ServedModel, chat_prompt_ids, routing_spec, text_prompt_ids
@@ -83,7 +83,7 @@ class _Routes:
             prompt = req.single_prompt()
             prompt_ids = text_prompt_ids(self.tokenizer, prompt) if isinstance(prompt, str) else prompt
             max_tokens = protocol.COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-            sampling = req.sampling_params(max_tokens, req.logprobs)
+            sampling = req.sampling_params(max_tokens, req.logprobs, req.prompt_logprobs)
             routing = routing_spec(req.routing)
         stream = await self._start(prompt_ids, sampling, routing)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -93,7 +93,10 @@ class _Routes:
             out = {"index": 0, "text": "".join(d.text for d in deltas), "logprobs": None,
                    "finish_reason": deltas[-1].finish_reason if deltas[-1].finished else None}
             if req.logprobs is not None:
-                out["logprobs"] = protocol.completion_logprobs(self.tokenizer, deltas, text_offset)
+                out["logprobs"] = protocol.completion_logprobs(self.tokenizer, deltas, text_offset,
+                                                               req.return_tokens_as_token_ids)
+            if deltas[0].prompt_logprobs is not None:  # the first delta of a request that asked
+                out["prompt_logprobs"] = protocol.prompt_logprobs(self.tokenizer, prompt_ids, deltas[0].prompt_logprobs)
             if req.return_provenance:
                 out.update(protocol.provenance_fields(deltas))
             return out
@@ -156,8 +159,13 @@ class _Routes:
                 "large_model": self.model.large_dir, "default_policy": engine.config.default_policy}
 
     async def health(self):
+        """503 once the engine stopped. While a model is unavailable (the large model's endpoint is down)
+        the server still serves whatever does not need it: 200, status "degraded", and why."""
         if not self.engine.is_running:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
+        unavailable = self.engine.engine.unavailable_models()
+        if unavailable:
+            return {"status": "degraded", "unavailable": unavailable}
         return {"status": "ok"}
 
     async def metrics(self):
@@ -186,7 +194,7 @@ async def _events(stream: RequestStream, head: dict, make_choice, include_usage:
                 if delta.finished:
                     chunk["usage"] = protocol.usage(deltas)
                 yield _event(chunk)
-        except EngineStopped as e:
+        except RequestFailed as e:
             yield _event(error_body(str(e), "server_error"))
     if include_usage and deltas:
         yield _event({**head, "choices": [], "usage": protocol.usage(deltas)})
@@ -225,7 +233,7 @@ async def _collect(stream: RequestStream, request: Request) -> list[Delta]:
                     return task.result()
                 if await request.is_disconnected():
                     raise ApiError(499, "client closed the request", code="client_closed_request")
-        except EngineStopped as e:
+        except RequestFailed as e:
             raise ApiError(503, str(e), type="server_error") from None
         finally:
             task.cancel()

@@ -4,6 +4,8 @@ Standard fields follow OpenAI's API; extensions (vLLM's where one exists):
   routing            "entropy:0.6" or {"policy": "entropy", "threshold": 0.6} (speculative: "k"; neural: "router")
   return_provenance  true: each choice also carries `token_ids` and `provenance` ("small"/"large" per token)
   top_k, ignore_eos, stop_token_ids
+  prompt_logprobs, return_tokens_as_token_ids (completions; vLLM's, so a collab-decode server can be the
+                     endpoint of another one's remote large model)
 `usage` gains small_tokens, large_tokens, large_share and large_calls.
 """
 
@@ -59,7 +61,8 @@ class _GenerationRequest(_Strict):
         if self.logit_bias:
             raise InvalidRequest("logit_bias is not supported by this server", param="logit_bias")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+                        ) -> SamplingParams:
         if self.seed is not None and not -2**63 <= self.seed < 2**64:
             raise InvalidRequest(f"seed must be in [-2**63, 2**64), got {self.seed}", param="seed")
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -67,7 +70,7 @@ class _GenerationRequest(_Strict):
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=self.seed,
             stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            logprobs=logprobs)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -77,6 +80,8 @@ class _GenerationRequest(_Strict):
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None  # chosen token + the top n alternatives (n <= 20)
+    prompt_logprobs: int | None = None  # per prompt token: its logprob + the top n there (vLLM's extension)
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:ID" (vLLM's extension)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -148,19 +153,32 @@ def usage(deltas: list[Delta]) -> dict:
             "large_calls": stats["large_calls"]}
 
 
-def completion_logprobs(tokenizer, deltas: list[Delta], text_offset: int = 0) -> dict:
-    """The /v1/completions `logprobs` object for these deltas' tokens."""
+def completion_logprobs(tokenizer, deltas: list[Delta], text_offset: int = 0, as_token_ids: bool = False) -> dict:
+    """The /v1/completions `logprobs` object for these deltas' tokens; `as_token_ids` names each token
+    "token_id:ID" (vLLM's return_tokens_as_token_ids) instead of its text."""
+    name = (lambda t: f"token_id:{t}") if as_token_ids else (lambda t: _piece(tokenizer, t))
     tokens, token_logprobs, top, offsets = [], [], [], []
     for d in deltas:
         for i, token_id in enumerate(d.token_ids):
-            piece = _piece(tokenizer, token_id)
             offsets.append(text_offset)
-            text_offset += len(piece)
-            tokens.append(piece)
+            text_offset += len(_piece(tokenizer, token_id))
+            tokens.append(name(token_id))
             token_logprobs.append(d.logprobs[i] if i < len(d.logprobs) else None)
             if i < len(d.top_logprobs):
-                top.append({_piece(tokenizer, t): lp for t, lp in d.top_logprobs[i]})
+                top.append({name(t): lp for t, lp in d.top_logprobs[i]})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top or None, "text_offset": offsets}
+
+
+def prompt_logprobs(tokenizer, prompt_ids: list[int], entries: list) -> list:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per token {"ID": {"logprob", "rank",
+    "decoded_token"}} for the token itself, then the top n at its position."""
+    out: list = [None] if entries else []
+    for token, (lp, rank, top) in zip(prompt_ids[1:], entries[1:]):
+        scored = {token: {"logprob": lp, "rank": rank}}
+        for i, (t, x) in enumerate(top):
+            scored.setdefault(t, {"logprob": x, "rank": i + 1})
+        out.append({str(t): {**v, "decoded_token": _piece(tokenizer, t)} for t, v in scored.items()})
+    return out
 
 
 def chat_logprobs(tokenizer, deltas: list[Delta]) -> dict:

@@ -1,4 +1,5 @@
-"""One process serving REST (uvicorn) and gRPC (grpc.aio) on one event loop over one engine thread."""
+"""One process serving REST (uvicorn) and gRPC (grpc.aio) on one event loop over one engine thread (which
+`serve` makes the client of an engine process: serve/engine_core.py)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,10 @@ class _Uvicorn(uvicorn.Server):
 
 
 class Server:
-    """Both APIs over one AsyncEngine. `await start()`, then `await stop()` (or `run_until_signal()`)."""
+    """Both APIs over one AsyncEngine. `await start()`, then `await stop()` (or `run_until_signal()`).
+
+    `engine`: an Engine, or a function that builds one on the engine thread (so that thread does all of
+    the models' torch work; `serve` passes one). `start()` returns once it is built and both APIs listen."""
 
     def __init__(self, engine, model: ServedModel, config: ServeConfig | None = None):
         self.config = config or ServeConfig()
@@ -59,9 +63,14 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
+        sock = _listen(cfg.host, cfg.port)  # a port in use fails now, before the models load
         self.engine.start()
+        try:
+            await self.engine.wait_ready()
+        except BaseException:
+            sock.close()
+            raise
         tokenizer = copy.deepcopy(self.engine.engine.tokenizer)  # the loop's own: the engine thread decodes too
-        sock = _listen(cfg.host, cfg.port)
         self.port = sock.getsockname()[1]
         app = create_app(self.engine, self.model, tokenizer, cfg.api_key)
         service = CollabDecodeService(self.engine, self.model, tokenizer, cfg.api_key)
@@ -101,7 +110,9 @@ class Server:
 def _listen(host: str, port: int) -> socket.socket:
     """A bound socket for the REST server (bind errors surface here, not inside uvicorn)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on a connection only when its socket says TCP.
+    # Without it Nagle's algorithm holds a response's body until the client acks its headers: ~40 ms each.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -185,7 +185,7 @@ def running_server(config: ServeConfig, engine=None, model: ServedModel | None =
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-server-loop", daemon=True)
     thread.start()
-    server = Server(engine or demo_engine(), model or demo_model(), config)
+    server = Server(engine or demo_engine, model or demo_model(), config)  # a builder: run on the engine thread
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=120)
     try:
         yield RunningServer(server, config.api_key)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 
 import pytest
 
@@ -126,3 +127,35 @@ def test_dropped_stream_is_aborted_in_the_engine(engine, prompt_ids, gate):
         assert ae.num_in_flight == 0
 
     run(engine, body)
+
+
+def test_a_builder_runs_on_the_engine_thread_and_its_failure_reaches_the_caller(engine, prompt_ids):
+    """Given a function that builds the engine, the engine thread calls it (so that thread alone runs the
+    models' torch work); a builder that fails fails wait_ready with its error, and later requests."""
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread())
+        return engine
+
+    def broken():
+        raise ValueError("no such model directory")
+
+    async def main():
+        ae = AsyncEngine(build)
+        ae.start()
+        stream = await ae.add_request(prompt_ids, GREEDY)  # queued before the engine was ready
+        await ae.wait_ready()
+        assert ae.engine is engine and built_on == [ae._thread] and built_on[0] is not threading.main_thread()
+        assert (await stream.collect())[-1].finished
+        await ae.stop()
+        failing = AsyncEngine(broken)
+        failing.start()
+        with pytest.raises(ValueError, match="no such model"):
+            await failing.wait_ready()
+        with pytest.raises(EngineStopped):
+            await failing.add_request(prompt_ids, GREEDY)
+        await failing.stop()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=120))
+    assert all(kv.num_used_blocks == 0 for kv in engine.kv.values())

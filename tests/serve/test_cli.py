@@ -16,6 +16,7 @@ from collab_decode.cli import build_parser, main
 from collab_decode.serve.cli import API_KEY_ENV, resolve_defaults, served_model_name
 from collab_decode.serve.requests import ServedModel
 from collab_decode.serve.server import ServeConfig
+from tests.backends.test_remote_cli import REMOTE_FLAGS_CHECKED
 from tests.utils import make_pair
 
 
@@ -32,12 +33,16 @@ def test_serve_flags_and_defaults():
 
 class RecordingServer:
     """Stands in for the network servers only: keeps what `serve` built (engine, model, config), then returns
-    as a server does after SIGTERM. The engine is real."""
+    as a server does after SIGTERM. The engine is real: `serve` hands over an EngineProcess, whose builder
+    (run by the engine process in a real server) is called here."""
 
     built: list["RecordingServer"] = []
 
     def __init__(self, engine, model, config):
-        self.engine, self.model, self.config = engine, model, config
+        from collab_decode.serve.engine_core import EngineProcess
+
+        assert isinstance(engine, EngineProcess), "serve must put the engine in a process of its own"
+        self.engine, self.model, self.config = engine.build(), model, config  # what that process would build
         self.port, self.grpc_port = config.port, config.grpc_port
         RecordingServer.built.append(self)
 
@@ -72,7 +77,9 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
         "--step-delimiter", ";", "--max-num-seqs", 5, "--max-num-batched-tokens", 77, "--max-model-len", 100,
         "--host", "0.0.0.0", "--port", 1234, "--grpc-port", 4321, "--api-key", "k", "--max-queue", 7,
         "--served-model-name", "mine", "--router", f"r1={routers[0]}", "--router", str(routers[1]),
-        "--log-level", "debug")
+        "--log-level", "debug", "--threads", 2)
+    assert torch.get_num_threads() == 2  # set by the engine's builder, before the models load
+    torch.set_num_threads(1)  # what the test suite runs with
     assert server.config == ServeConfig(host="0.0.0.0", port=1234, grpc_port=4321, api_key="k", max_queue=7,
                                         log_level="debug")
     assert server.model == ServedModel(name="mine", small_dir=str(small), large_dir=str(large), routers=("r1", "r2"))
@@ -108,14 +115,15 @@ SERVE_FLAGS_CHECKED = {
     "--model", "--pair", "--small", "--large", "--backend", "--dtype", "--device", "--compile", "--block-size",
     "--small-kv-mib", "--large-kv-mib", "--default-policy", "--step-delimiter", "--max-num-seqs",
     "--max-num-batched-tokens", "--max-model-len", "--host", "--port", "--grpc-port", "--api-key", "--max-queue",
-    "--served-model-name", "--router", "--log-level", "--help",
+    "--served-model-name", "--router", "--log-level", "--threads", "--help",
 }
 
 
 def test_every_serve_flag_is_checked_here():
     """A new flag of `serve` fails this until the test above checks where it goes and it joins the list."""
     parser = build_parser()._subparsers._group_actions[0].choices["serve"]
-    assert {s for a in parser._actions for s in a.option_strings if s.startswith("--")} == SERVE_FLAGS_CHECKED
+    flags = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    assert flags == SERVE_FLAGS_CHECKED | REMOTE_FLAGS_CHECKED  # the --large-* flags: tests/backends/test_remote_cli.py
 
 
 def test_serve_process_answers_and_stops_on_sigterm():

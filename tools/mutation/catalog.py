@@ -57,12 +57,17 @@ MUTATIONS: list[Mutation] = [
              (REFERENCE,), "step-level routing decides at every token (steps never last)"),
     # ---- catch-up -----------------------------------------------------------------------------------
     Mutation("large-skips-catchup", "catch-up", ENGINE,
-             "        out = self.runner.forward(LARGE, routed, [s.num_tokens - s.num_cached[LARGE] for s in routed])",
+             "        backlogs = [s.num_tokens - s.num_cached[LARGE] for s in routed]",
              "        for s in routed:\n"
              "            if s.num_cached[LARGE]:\n"
              "                s.num_cached[LARGE] = s.num_tokens - 1\n"
-             "        out = self.runner.forward(LARGE, routed, [s.num_tokens - s.num_cached[LARGE] for s in routed])",
+             "        backlogs = [s.num_tokens - s.num_cached[LARGE] for s in routed]",
              (REFERENCE,), "the large model skips its catch-up once it holds any cache (writes from a stale KV)"),
+    Mutation("backend-error-fails-the-batch", "catch-up", ENGINE,
+             "            return [self.output.fail(s, e.errors[s.seq_id]) for s in routed if s.seq_id in e.errors]",
+             "            return [self.output.fail(s, str(e)) for s in routed]",
+             ("tests/backends/test_backend_errors.py",),
+             "a large model's error for some sequences (its endpoint refused them) ends every routed request"),
     Mutation("small-skips-catchup", "catch-up", SCHEDULER,
              "        num_new = min(len(seq.backlog(SMALL)), budget)",
              "        if seq.num_output_tokens and seq.num_cached[SMALL]:\n"

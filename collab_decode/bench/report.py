@@ -1,0 +1,180 @@
+"""Benchmark runs -> report.json, report.md, pareto.png, answers.html.
+
+    runs = [make_run(...) per (mode, policy, batch size or concurrency)]   repeats folded into one row
+    add_speedups(runs)        speedup against `large` and the bound, both within the same mode and batch
+    checks(runs)              the issue's "must show" figures, each with its numbers
+    write_report(out, runs, meta)
+
+speedup = tokens/s / tokens/s of `large` alone (same mode, same batch size or concurrency, same run).
+bound = 1 / (c_small / c_large + large_share), where c_small / c_large = tokens/s of `large` / tokens/s of
+`small` alone, measured in the same run at the same batch: what routing could reach if the engine cost
+nothing beyond each model's own decode steps and the large model's catch-up were free.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from collab_decode.bench.measure import Measurement
+from collab_decode.routing import parse_routing
+
+ACCURACY_FLOOR = 0.97  # a routed policy counts when it keeps this fraction of the large model's accuracy
+
+
+@dataclass
+class Run:
+    mode: str  # "engine" (in process, Python API) | "rest" | "grpc" (a server, driven over the network)
+    policy: str
+    family: str  # the policy's name without its argument: one curve per family in pareto.png
+    threshold: float | None  # the policy's threshold (random: p); speculative: k
+    batch_size: int | None  # engine runs: requests in flight
+    concurrency: int | None  # server runs: requests in flight
+    num_requests: int  # per repeat
+    accuracy: float | None  # fraction of right answers, over accuracy_requests answers
+    accuracy_requests: int
+    large_share: float  # fraction of output tokens the large model wrote (this run's requests)
+    tokens_per_s: float  # output tokens / wall second, the median over repeats
+    tokens_per_s_repeats: list[float]
+    ttft_ms_p50: float | None
+    tpot_ms_p50: float | None
+    tpot_ms_p95: float | None
+    e2e_ms_p50: float | None
+    e2e_ms_p95: float | None
+    speedup: float | None = None  # tokens_per_s / that of `large` (same mode and batch)
+    bound: float | None = None  # 1 / (c_small / c_large + large_share), same mode and batch
+    of_bound: float | None = None  # speedup / bound
+    breakdown: dict | None = None  # engine runs: where the time per token went (ms), see step_breakdown
+    client_cpu_share: float | None = None  # server runs: the load generator's CPU seconds / wall seconds
+
+    @property
+    def level(self) -> int:
+        return self.batch_size if self.batch_size is not None else self.concurrency
+
+    @property
+    def routed(self) -> bool:
+        return self.policy not in ("small", "large")
+
+
+def make_run(mode: str, policy: str, level: int, repeats: list[Measurement], workload,
+             accuracy: tuple[float, int] | None = None) -> Run:
+    """One row from a policy's repeats at one batch size (engine) or concurrency (server). `accuracy`
+    (value, number of answers) overrides the accuracy of the repeats' own answers (a larger set)."""
+    spec = parse_routing(policy)
+    pooled = Measurement(sum(m.seconds for m in repeats), [r for m in repeats for r in m.results])
+    first = repeats[0]
+    acc = accuracy if accuracy is not None else (first.accuracy(workload), len(first.results))
+    ttft, tpot, e2e = (pooled.percentiles_ms(name) for name in ("ttft_s", "tpot_s", "e2e_s"))
+    run = Run(mode=mode, policy=policy, family=spec.policy, threshold=spec.threshold if spec.k is None else spec.k,
+              batch_size=level if mode == "engine" else None, concurrency=None if mode == "engine" else level,
+              num_requests=len(first.results), accuracy=round(acc[0], 4), accuracy_requests=acc[1],
+              large_share=round(pooled.large_share, 4),
+              tokens_per_s=round(statistics.median(m.tokens_per_s for m in repeats), 1),
+              tokens_per_s_repeats=[round(m.tokens_per_s, 1) for m in repeats],
+              ttft_ms_p50=ttft[0], tpot_ms_p50=tpot[0], tpot_ms_p95=tpot[1], e2e_ms_p50=e2e[0], e2e_ms_p95=e2e[1])
+    if first.steps is not None:
+        run.breakdown = step_breakdown(repeats)
+    if first.client_cpu_s is not None:
+        run.client_cpu_share = round(sum(m.client_cpu_s for m in repeats) / pooled.seconds, 3)
+    return run
+
+
+def step_breakdown(repeats: list[Measurement]) -> dict:
+    """ms per output token by part, over all repeats: the models' forwards, the engine's own step work
+    (scheduling, sampling, routing, commit, detokenizing), and the driver loop around the steps."""
+    tokens = sum(m.num_tokens for m in repeats)
+    steps = [m.steps for m in repeats]
+    calls = sum(r.num_large_calls for m in repeats for r in m.results)
+    catchup = sum(r.num_catchup_tokens for m in repeats for r in m.results)
+    num_steps = sum(s.num_steps for s in steps)
+
+    def per_token(seconds: float) -> float:
+        return round(1000 * seconds / tokens, 4)
+
+    large_s = sum(s.large_forward_s for s in steps)
+    return {"ms_per_token": per_token(sum(m.seconds for m in repeats)),
+            "small_forward": per_token(sum(s.small_forward_s for s in steps)),
+            "large_forward": per_token(large_s),
+            "engine": per_token(sum(s.engine_s for s in steps)),
+            "outside_steps": per_token(sum(m.seconds - s.step_s for m, s in zip(repeats, steps))),
+            "steps_per_token": round(num_steps / tokens, 4),
+            "engine_ms_per_step": round(1000 * sum(s.engine_s for s in steps) / num_steps, 4),
+            "small_forward_ms_per_step": round(1000 * sum(s.small_forward_s for s in steps) / num_steps, 4),
+            "large_calls_per_token": round(calls / tokens, 4),
+            "large_ms_per_call": round(1000 * large_s / calls, 4) if calls else None,
+            "catchup_tokens_per_call": round(catchup / calls, 2) if calls else None}
+
+
+def add_speedups(runs: list[Run]) -> None:
+    """Fill speedup, bound and of_bound from the `small` and `large` rows of the same mode and batch."""
+    for run in runs:
+        ref = {r.policy: r for r in runs if (r.mode, r.level) == (run.mode, run.level)}
+        if "large" in ref:
+            run.speedup = round(run.tokens_per_s / ref["large"].tokens_per_s, 3)
+        if "large" in ref and "small" in ref:
+            cost_ratio = ref["large"].tokens_per_s / ref["small"].tokens_per_s  # c_small / c_large
+            run.bound = round(1 / (cost_ratio + run.large_share), 3)
+            run.of_bound = round(run.speedup / run.bound, 3)
+        if run.breakdown is not None and "small" in ref and ref["small"].breakdown is not None:
+            small_step = ref["small"].breakdown["small_forward_ms_per_step"]
+            run.breakdown["engine_of_small_step"] = round(run.breakdown["engine_ms_per_step"] / small_step, 3)
+
+
+def best_routed(runs: list[Run], mode: str, level: int) -> Run | None:
+    """The fastest routed policy at >= ACCURACY_FLOOR of `large`'s accuracy (same mode and batch)."""
+    rows = [r for r in runs if (r.mode, r.level) == (mode, level)]
+    large = next((r for r in rows if r.policy == "large"), None)
+    if large is None or large.accuracy is None:
+        return None
+    good = [r for r in rows if r.routed and r.speedup is not None and r.accuracy is not None
+            and r.accuracy >= ACCURACY_FLOOR * large.accuracy]
+    return max(good, key=lambda r: r.speedup, default=None)
+
+
+def find(runs: list[Run], mode: str, level: int, policy: str) -> Run | None:
+    return next((r for r in runs if (r.mode, r.level, r.policy) == (mode, level, policy)), None)
+
+
+def checks(runs: list[Run], server_mode: str = "rest") -> list[dict]:
+    """The issue's "must show" figures: each {what, value, target, ok}; absent rows are skipped."""
+    out = []
+
+    def check(what: str, value: float | None, target: float) -> None:
+        if value is not None:
+            out.append({"what": what, "value": round(value, 3), "target": target, "ok": value >= target})
+
+    best1 = best_routed(runs, "engine", 1)
+    for level, target in ((1, 0.90), (64, 0.85)):
+        for policy in ["large"] + ([best1.policy] if best1 else []):
+            engine, server = find(runs, "engine", level, policy), find(runs, server_mode, level, policy)
+            if engine and server:
+                check(f"server ({server_mode}) / engine tokens/s, {policy}, concurrency = batch {level}",
+                      server.tokens_per_s / engine.tokens_per_s, target)
+    if best1 is not None:
+        large = find(runs, "engine", 1, "large")
+        if large.accuracy:  # (random models answer nothing right: no ratio)
+            check(f"batch 1, {best1.policy}: accuracy / large's", best1.accuracy / large.accuracy, ACCURACY_FLOOR)
+        check(f"batch 1, {best1.policy}: speedup", best1.speedup, 3.0)
+        check(f"batch 1, {best1.policy}: speedup / bound", best1.of_bound, 0.85)
+    for level, target in ((16, 1.5), (64, 1.3)):
+        best = best_routed(runs, server_mode, level)
+        if best is not None:
+            check(f"server ({server_mode}) concurrency {level}, {best.policy}: speedup", best.speedup, target)
+    return out
+
+
+def write_report(out: Path, runs: list[Run], meta: dict, html: str | None = None) -> None:
+    """report.json (meta, runs, checks), report.md, pareto.png and, if given, answers.html, in `out`."""
+    from collab_decode.bench.figures import markdown, pareto_plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    found = checks(runs)
+    doc = {"meta": meta, "runs": [asdict(r) for r in runs], "checks": found}
+    (out / "report.json").write_text(json.dumps(doc, indent=1))
+    (out / "report.md").write_text(markdown(runs, found, meta))
+    if any(r.mode == "engine" and r.level == 1 for r in runs):
+        pareto_plot(runs, out / "pareto.png")
+    if html is not None:
+        (out / "answers.html").write_text(html)

@@ -1,0 +1,312 @@
+"""The engine in a process of its own (as vLLM's EngineCore): the server's process keeps the event loop
+and the network, the engine process builds the models and steps them on its main thread.
+
+Why a process: in one process, the event loop's work for each token it streams (~0.1 ms of Python)
+holds the GIL that the engine's own Python needs between its torch ops; measured on the demo pair at
+concurrency 1, the server then delivered about half of the engine's tokens/s for the small model
+(docs/benchmarks.md). Apart, the engine steps while the loop streams.
+
+    server process: AsyncEngine's engine thread drives an EngineCoreClient as it would an Engine
+        add_request  --("add", prompt ids, sampling, routing)-->   Engine.add_request
+                     <--("added", seq id | ValueError)---------
+        abort        --("abort", seq id)---------------------->    Engine.abort, between steps
+                     <--("aborted", EngineState)---------------    (so /metrics sees the blocks freed)
+        step         <--("step", [CoreOutput], EngineState, [s])--  Engine.step, while it has work (the
+                                                                    steps of up to STREAM_INTERVAL_S at once)
+        close        --("stop")------------------------------->    exits
+    engine process: run_engine_core(build, conn): build (load, warm-up) -> ("ready", EngineInfo) -> loop
+
+The client mirrors each sequence's logprobs and counts from the outputs (SeqMirror), so AsyncEngine reads
+a CoreOutput as it reads the Engine's RequestOutput. The builder must pickle (a module-level function,
+or functools.partial of one): the engine process starts fresh (spawn), never forked from a process
+that may hold threads.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+POLL_S = 0.002  # how long step() waits for the engine process before it returns nothing (commands go on)
+# The engine process sends its outputs at most this often (and at once when a request ends or the engine
+# goes idle): each message costs the engine ~0.05-0.1 ms (a pipe write that wakes the server), which a
+# small model's 0.5 ms step would otherwise pay every token. SGLang and vLLM have a stream interval too.
+STREAM_INTERVAL_S = 0.001
+
+
+class EngineCoreDied(RuntimeError):
+    """The engine process is gone (it crashed or was killed)."""
+
+
+@dataclass
+class EngineState:
+    """The engine's counts for metrics and /health, sent with every step."""
+
+    num_waiting: int
+    num_running: int
+    kv_used: dict[str, int]  # pool -> blocks in use
+    kv_total: dict[str, int]  # pool -> blocks
+    unavailable: dict[str, str]  # model -> why it cannot serve now (Engine.unavailable_models)
+
+    @classmethod
+    def of(cls, engine) -> "EngineState":
+        if isinstance(engine, EngineCoreClient):
+            return engine.state
+        kv = engine.kv
+        return cls(len(engine.scheduler.waiting), len(engine.scheduler.running),
+                   {pool: m.num_used_blocks for pool, m in kv.items()},
+                   {pool: m.pool.num_blocks for pool, m in kv.items()}, engine.unavailable_models())
+
+
+@dataclass
+class EngineInfo:
+    """What the server reads of the engine, sent once the engine is built."""
+
+    tokenizer: object
+    max_model_len: int
+    config: object  # EngineConfig
+    models: list[str]  # "small" (and "large")
+
+
+@dataclass
+class CoreOutput:
+    """One request's progress in one step, as the engine process sends it (a RequestOutput's fields,
+    with only this step's logprobs). `seq` is the client's mirror of the sequence."""
+
+    seq_id: int
+    new_token_ids: list[int]
+    new_text: str
+    new_provenance: list[str]
+    finished: bool
+    finish_reason: str | None
+    new_logprobs: list[float]
+    new_top_logprobs: list
+    prompt_logprobs: list | None  # with a request's first output, if it asked
+    stats: dict  # SequenceStats.as_dict()
+    error: str | None
+    seq: "SeqMirror | None" = None
+
+
+class _Stats:
+    def __init__(self, values: dict):
+        self.values = values
+
+    def as_dict(self) -> dict:
+        return self.values
+
+
+@dataclass
+class SeqMirror:
+    """The fields of a Sequence that AsyncEngine reads, rebuilt from the outputs."""
+
+    sampling: object
+    num_prompt_tokens: int
+    logprobs: list = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
+    stats: _Stats = field(default_factory=lambda: _Stats({}))
+    error: str | None = None
+
+    def update(self, out: CoreOutput) -> None:
+        self.logprobs += out.new_logprobs
+        self.top_logprobs += out.new_top_logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.stats, self.error = _Stats(out.stats), out.error
+
+
+# ---- server side -----------------------------------------------------------------------------------
+class EngineCoreClient:
+    """Starts the engine process and speaks for it: AsyncEngine's engine thread calls add_request, abort,
+    step and has_unfinished as on an Engine; the server reads tokenizer, max_model_len, config, backends,
+    max_tokens_left and unavailable_models. One thread uses it (AsyncEngine's engine thread)."""
+
+    def __init__(self, build: Callable):
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=run_engine_core, args=(build, child), name="collab-decode-engine",
+                                    daemon=True)
+        self._process.start()
+        child.close()
+        self._steps: deque = deque()  # step messages that arrived while waiting for an add's answer
+        self._seqs: dict[int, SeqMirror] = {}  # unfinished sequences
+        self.step_seconds: list[float] = []  # durations of the engine steps the last step() returned
+        kind, *payload = self._recv()
+        if kind == "failed":
+            self._process.join(timeout=10)
+            raise payload[0]
+        info, self.state = payload
+        self.tokenizer, self.max_model_len, self.config = info.tokenizer, info.max_model_len, info.config
+        self.backends = dict.fromkeys(info.models)
+
+    def max_tokens_left(self, num_prompt_tokens: int) -> int:
+        return max(1, self.max_model_len - num_prompt_tokens)
+
+    def unavailable_models(self) -> dict[str, str]:
+        return dict(self.state.unavailable)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    def add_request(self, prompt_ids: list[int], sampling, routing=None) -> int:
+        self._send(("add", prompt_ids, sampling, routing))
+        seq_id, error = self._answer()
+        if error is not None:
+            raise error
+        self._seqs[seq_id] = SeqMirror(sampling, len(prompt_ids))
+        return seq_id
+
+    def abort(self, seq_id: int) -> None:
+        if self._seqs.pop(seq_id, None) is not None:
+            self._send(("abort", seq_id))
+            self.state, = self._answer()
+
+    def _answer(self) -> list:
+        """The engine process's answer to the last command; steps that arrive first wait for step()."""
+        while True:
+            kind, *payload = self._recv()
+            if kind != "step":
+                return payload
+            self._steps.append(payload)
+
+    def step(self) -> list[CoreOutput]:
+        """The outputs of the engine's next step (or of every step already received); [] if none came
+        within POLL_S, so the caller can pass on new requests and aborts meanwhile."""
+        if not self._steps and self._conn.poll(POLL_S):
+            kind, *payload = self._recv()
+            self._steps.append(payload)
+        outputs, self.step_seconds = [], []
+        while self._steps:
+            step_outputs, self.state, seconds = self._steps.popleft()
+            self.step_seconds += seconds
+            outputs += [out for out in step_outputs if self._mirror(out)]
+        return outputs
+
+    def _mirror(self, out: CoreOutput) -> bool:
+        seq = self._seqs.get(out.seq_id)
+        if seq is None:
+            return False  # aborted here meanwhile
+        seq.update(out)
+        out.seq = seq
+        if out.finished:
+            del self._seqs[out.seq_id]
+        return True
+
+    def close(self) -> None:
+        try:
+            self._send(("stop",))
+        except EngineCoreDied:
+            pass
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=5)
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except (BrokenPipeError, EOFError, OSError):
+            raise EngineCoreDied(f"the engine process exited (code {self._process.exitcode})") from None
+
+    def _recv(self) -> tuple:
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):
+            raise EngineCoreDied(f"the engine process exited (code {self._process.exitcode})") from None
+
+
+# ---- engine process --------------------------------------------------------------------------------
+def run_engine_core(build: Callable, conn) -> None:
+    """The engine process: build the engine, then apply commands between steps and send every step's
+    outputs, until told to stop or the server process is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
+    try:
+        engine = build()
+    except BaseException as e:
+        conn.send(("failed", _picklable(e)))
+        return
+    conn.send(("ready", EngineInfo(engine.tokenizer, engine.max_model_len, engine.config, list(engine.backends)),
+               EngineState.of(engine)))
+    core = _Core(engine, conn)
+    try:
+        while core.apply(block=not engine.has_unfinished()):
+            if engine.has_unfinished():
+                core.step()
+    except (EOFError, BrokenPipeError, OSError):
+        pass  # the server process is gone
+
+
+class _Core:
+    def __init__(self, engine, conn):
+        self.engine, self.conn = engine, conn
+        self.prompt_logprobs_sent: set[int] = set()
+        self.pending: list[CoreOutput] = []  # outputs not sent yet (see STREAM_INTERVAL_S)
+        self.pending_seconds: list[float] = []  # their steps' durations
+        self.last_sent = 0.0
+
+    def apply(self, block: bool) -> bool:
+        """Apply every command waiting (waiting for one if `block`); False once told to stop."""
+        while block or self.conn.poll():
+            block = False
+            kind, *payload = self.conn.recv()
+            if kind == "stop":
+                return False
+            if kind == "abort":
+                self.engine.abort(payload[0])
+                self.conn.send(("aborted", EngineState.of(self.engine)))
+                continue
+            try:
+                self.conn.send(("added", self.engine.add_request(*payload), None))
+            except Exception as e:  # ValueError: the request's fault (HTTP 400); anything else is reported
+                self.conn.send(("added", None, _picklable(e)))
+        return True
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        now = time.perf_counter()
+        self.pending += [self._output(out) for out in outputs]
+        self.pending_seconds.append(now - start)
+        if now - self.last_sent >= STREAM_INTERVAL_S or any(out.finished for out in outputs) \
+                or not self.engine.has_unfinished():
+            self.conn.send(("step", self.pending, EngineState.of(self.engine), self.pending_seconds))
+            self.pending, self.pending_seconds, self.last_sent = [], [], now
+
+    def _output(self, out) -> CoreOutput:
+        seq, n = out.seq, len(out.new_token_ids)
+        prompt_logprobs = None
+        if seq.sampling.prompt_logprobs is not None and out.seq_id not in self.prompt_logprobs_sent:
+            self.prompt_logprobs_sent.add(out.seq_id)
+            prompt_logprobs = list(seq.prompt_logprobs)
+        if out.finished:
+            self.prompt_logprobs_sent.discard(out.seq_id)
+        return CoreOutput(out.seq_id, list(out.new_token_ids), out.new_text, list(out.new_provenance), out.finished,
+                          out.finish_reason, seq.logprobs[len(seq.logprobs) - n:] if seq.logprobs else [],
+                          seq.top_logprobs[len(seq.top_logprobs) - n:] if seq.top_logprobs else [],
+                          prompt_logprobs, seq.stats.as_dict(), seq.error)
+
+
+def _picklable(e: BaseException) -> BaseException:
+    """`e` if it survives pickling, else a RuntimeError that says what it was."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+class EngineProcess:
+    """A builder for AsyncEngine (or Server) that puts the engine in a process of its own: called (on the
+    engine thread), it starts the engine process, which calls `build`, and returns its client."""
+
+    def __init__(self, build: Callable):
+        self.build = build  # picklable: the engine process calls it
+
+    def __call__(self) -> EngineCoreClient:
+        return EngineCoreClient(self.build)

@@ -1,0 +1,72 @@
+"""The engine in a process of its own (what `serve` runs): REST and gRPC answers equal the engine's, with
+logprobs and usage; streams; a client that goes away frees its blocks in the engine process (seen through
+/metrics, the only window into that process); bad requests get 400 while everyone else is served; an engine
+that cannot be built fails the server's start with its error."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import pytest
+
+from collab_decode.sampling import SamplingParams
+from collab_decode.serve.engine_core import EngineProcess
+from collab_decode.serve.grpc_gen import collab_decode_pb2 as pb
+from collab_decode.serve.grpc_gen import collab_decode_pb2_grpc as pb_grpc
+from collab_decode.serve.server import ServeConfig
+from tests.serve.conftest import DEFAULT_POLICY, PROMPT, demo_engine, reference_run, running_server
+
+
+def broken_engine():
+    raise ValueError("no model in /nowhere")
+
+
+@pytest.fixture(scope="module")
+def served():
+    with running_server(ServeConfig(port=0, grpc_port=0, log_level="warning"), EngineProcess(demo_engine)) as s:
+        yield s
+
+
+def test_answers_equal_the_engine_rest_and_grpc(served, reference_engine):
+    sampling = SamplingParams(max_tokens=24, temperature=0.0, logprobs=2)
+    want = reference_run(reference_engine, PROMPT, sampling, "entropy:0.6")
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "logprobs": 2, "routing": "entropy:0.6",
+            "return_provenance": True}
+    got = httpx.post(f"{served.url}/v1/completions", json=body, timeout=60).json()
+    choice = got["choices"][0]
+    assert choice["text"] == want.output_text and choice["provenance"] == want.provenance
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(want.logprobs, abs=1e-5)
+    assert got["usage"]["large_tokens"] == want.stats.num_large_tokens
+    streamed = []
+    with httpx.stream("POST", f"{served.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        streamed = [line for line in r.iter_lines() if line.startswith("data: {")]
+    assert len(streamed) > 2  # one chunk per step
+    with grpc.insecure_channel(served.grpc_target) as channel:
+        stub = pb_grpc.CollabDecodeStub(channel)
+        request = pb.GenerateRequest(text=PROMPT, routing="entropy:0.6",
+                                     sampling=pb.SamplingParams(max_tokens=24, temperature=0.0))
+        texts = [m.text for m in stub.GenerateStream(request, timeout=60)]
+        assert "".join(texts) == want.output_text
+        info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=60)
+        assert info.default_policy == DEFAULT_POLICY and info.max_model_len == reference_engine.max_model_len
+
+
+def test_abandoned_stream_frees_its_blocks_and_bad_requests_get_400(served):
+    body = {"prompt": PROMPT, "max_tokens": 300, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # leave after the first chunk: the server aborts the request
+    bad = httpx.post(f"{served.url}/v1/completions", json={"prompt": [10**6], "max_tokens": 4}, timeout=60)
+    assert bad.status_code == 400 and "out of range" in bad.json()["error"]["message"]
+    metrics = served.wait_idle()  # in flight, waiting, running and every KV block: back to 0
+    assert metrics['collab_decode_requests_total{outcome="abort"}'] >= 1
+    assert metrics["collab_decode_engine_step_seconds_count"] > 0
+    ok = httpx.post(f"{served.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+def test_an_engine_that_cannot_be_built_fails_the_start():
+    with pytest.raises(ValueError, match="no model in /nowhere"):
+        with running_server(ServeConfig(port=0, grpc_port=0, log_level="warning"), EngineProcess(broken_engine)):
+            pass
