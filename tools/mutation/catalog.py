@@ -69,10 +69,10 @@ MUTATIONS: list[Mutation] = [
              ("tests/backends/test_backend_errors.py",),
              "a large model's error for some sequences (its endpoint refused them) ends every routed request"),
     Mutation("small-skips-catchup", "catch-up", SCHEDULER,
-             "        num_new = min(len(seq.backlog(SMALL)), budget)",
+             "        num_new = min(seq.num_tokens - seq.num_cached[SMALL], budget)",
              "        if seq.num_output_tokens and seq.num_cached[SMALL]:\n"
              "            seq.num_cached[SMALL] = seq.num_tokens - 1\n"
-             "        num_new = min(len(seq.backlog(SMALL)), budget)",
+             "        num_new = min(seq.num_tokens - seq.num_cached[SMALL], budget)",
              (REFERENCE,), "the small model skips catching up on tokens the large model wrote (step mode)"),
     # ---- scheduler: admission, budget, preemption ---------------------------------------------------
     Mutation("admission-ignores-pools", "scheduler", SCHEDULER,
@@ -88,8 +88,8 @@ MUTATIONS: list[Mutation] = [
              "while self.waiting and budget > 0:",
              (SCHED_TESTS,), "the batch grows past max_num_seqs"),
     Mutation("token-budget-ignored", "scheduler", SCHEDULER,
-             "        num_new = min(len(seq.backlog(SMALL)), budget)",
-             "        num_new = len(seq.backlog(SMALL))",
+             "        num_new = min(seq.num_tokens - seq.num_cached[SMALL], budget)",
+             "        num_new = seq.num_tokens - seq.num_cached[SMALL]",
              (SCHED_TESTS,), "long prompts prefill at once, past the step's token budget"),
     Mutation("preempt-oldest", "scheduler", SCHEDULER,
              "victim = max(holders + [seq], key=lambda s: s.arrival)",
