@@ -37,7 +37,9 @@ def add_bench_parser(sub) -> None:
 def cmd_suite(args: argparse.Namespace) -> int:
     import sys
 
-    args.argv = sys.argv[3:]  # what followed `collab-decode bench run|load`, for the report
+    # what followed `collab-decode bench run|load` on the command line, for the report
+    from_cli = sys.argv[1:3] == ["bench", args.bench_command]
+    args.argv = sys.argv[3:] if from_cli else ["(arguments given from Python)"]
     args.suite(args)
     return 0
 

@@ -16,14 +16,22 @@ def _pct(value) -> str:
     return _f(None if value is None else 100 * value, "{:.1f}%")
 
 
+def _cpu(r: Run) -> str:
+    """Cores busy during a server run: the load generator / the server's API process / its engine process."""
+    if r.client_cpu_share is None:
+        return "-"
+    server = r.server_cpu_share or {}
+    return " / ".join(_f(x, "{:.2f}") for x in (r.client_cpu_share, server.get("api"), server.get("engine")))
+
+
 def _speed_rows(runs: list[Run]) -> list[str]:
     lines = ["| mode | batch / conc. | policy | accuracy | large share | tok/s | speedup | bound | of bound "
-             "| TTFT p50 ms | TPOT p50 ms | TPOT p95 ms |", "|---" * 12 + "|"]
+             "| TTFT p50 ms | TPOT p50 ms | TPOT p95 ms | cores: client / api / engine |", "|---" * 13 + "|"]
     for r in runs:
         lines.append(f"| {r.mode} | {r.level} | {r.policy} | {_pct(r.accuracy)} ({r.accuracy_requests}) "
                      f"| {_pct(r.large_share)} | {r.tokens_per_s:.0f} | {_f(r.speedup, '{:.2f}x')} "
                      f"| {_f(r.bound, '{:.2f}x')} | {_pct(r.of_bound)} | {_f(r.ttft_ms_p50)} "
-                     f"| {_f(r.tpot_ms_p50, '{:.2f}')} | {_f(r.tpot_ms_p95, '{:.2f}')} |")
+                     f"| {_f(r.tpot_ms_p50, '{:.2f}')} | {_f(r.tpot_ms_p95, '{:.2f}')} | {_cpu(r)} |")
     return lines
 
 
@@ -93,6 +101,8 @@ def pareto_plot(runs: list[Run], path: Path) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (greedy, held-out problems)")
         ax.grid(alpha=0.3)
+    axes[1].set_xscale("symlog", linthresh=0.01)  # the routed policies sit between 1% and 10%
+    axes[1].set_xlim(left=0)
     axes[0].legend(fontsize=8)
     fig.suptitle("speed against accuracy, per routing policy family")
     fig.tight_layout()

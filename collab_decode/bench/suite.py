@@ -58,6 +58,25 @@ class ServerProcess:
             raise RuntimeError("the server did not start:\n" + "".join(lines[-20:]))
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()  # drain its logs
 
+    def cpu_seconds(self) -> dict[str, float] | None:
+        """CPU seconds so far of the server's process ("api") and of its children: the engine process
+        (None where /proc cannot tell)."""
+        try:
+            return self._cpu_seconds()
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _cpu_seconds(self) -> dict[str, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def cpu(pid: int) -> float:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        children = [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+        return {"api": cpu(self.proc.pid), "engine": sum(cpu(c) for c in children)}
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -79,8 +98,8 @@ class Bench:
     """The engine (if any), the server connections and every measurement of one run; `measure` times and
     records one run. Server requests go out from one event loop, kept for the whole run."""
 
-    def __init__(self, workload, engine=None):
-        self.engine, self.workload = engine, workload
+    def __init__(self, workload, engine=None, server: ServerProcess | None = None):
+        self.engine, self.workload, self.server = engine, workload, server
         self.measurements: dict[tuple[str, int, str], list] = {}
         self.accuracy: dict[str, tuple[float, int]] = {}
         self.senders: dict[str, object] = {}
@@ -112,7 +131,11 @@ class Bench:
         if mode == "engine":
             m = drive_engine(self.engine, self.workload, policy, level, count, tty and progress)
         else:
+            cpu = self.server.cpu_seconds() if self.server else None
             m = self.loop.run_until_complete(drive_server(self.senders[mode], policy, count, level, tty and progress))
+            after = self.server.cpu_seconds() if cpu else None
+            if after is not None:
+                m.extra["server_cpu_s"] = {k: v - cpu[k] for k, v in after.items()}
         self.measurements.setdefault((mode, level, policy), []).append(m)
         print(f"\r  {label}: {mode} {level} {policy}: {count} requests, {m.tokens_per_s:.0f} tok/s, "
               f"large share {m.large_share:.1%} ({m.seconds:.1f} s)", flush=True)
@@ -146,7 +169,7 @@ def run_suite(args: argparse.Namespace) -> None:
     server = None
     if server_modes:
         print(f"starting the server (collab-decode serve --small {args.small} --large {args.large}) ...", flush=True)
-        server = ServerProcess(args.small, args.large, args.threads)
+        server = bench.server = ServerProcess(args.small, args.large, args.threads)
         bench.connect(server.url, server.grpc_target if args.grpc else None, None, not args.no_stream)
     try:
         bench.warm_up(args.policies)

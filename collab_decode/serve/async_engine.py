@@ -258,10 +258,11 @@ class AsyncEngine:
                 if self._stopping:
                     break
                 commands, self._commands = self._commands, []
-            for kind, request in commands:
-                if kind == "add":
-                    self._add(request)
-                else:
+            adds = [request for kind, request in commands if kind == "add"]
+            for request, result in zip(adds, self._add_all(adds)):
+                self._accept(request, result)
+            for kind, request in commands:  # after the adds: a request may be added and aborted at once
+                if kind == "abort":
                     self._abort(request)
             if self.engine.has_unfinished():
                 self._step()
@@ -270,14 +271,26 @@ class AsyncEngine:
         if isinstance(self.engine, EngineCoreClient):
             self.engine.close()
 
-    def _add(self, request: _Request) -> None:
-        try:
-            request.seq_id = self.engine.add_request(request.prompt_ids, request.sampling, request.routing)
-        except Exception as e:  # ValueError: the request's fault; anything else: reported, not fatal
-            if not isinstance(e, ValueError):
-                log.exception("add_request failed")
-            self._post(_settle, request.accepted, e)
+    def _add_all(self, requests: list[_Request]) -> list[int | Exception]:
+        """Each request's sequence id, or the error that refused it. An engine process gets them all at once
+        and answers between two of its steps (one by one, each add would wait for a step)."""
+        if isinstance(self.engine, EngineCoreClient):
+            return self.engine.add_requests([(r.prompt_ids, r.sampling, r.routing) for r in requests])
+        results = []
+        for r in requests:
+            try:
+                results.append(self.engine.add_request(r.prompt_ids, r.sampling, r.routing))
+            except Exception as e:
+                results.append(e)
+        return results
+
+    def _accept(self, request: _Request, result: int | Exception) -> None:
+        if isinstance(result, Exception):  # ValueError: the request's fault; anything else: reported, not fatal
+            if not isinstance(result, ValueError):
+                log.error("add_request failed", exc_info=result)
+            self._post(_settle, request.accepted, result)
             return
+        request.seq_id = result
         self._active[request.seq_id] = request
         self._post(_settle, request.accepted, None)
 

@@ -10,10 +10,11 @@ concurrency 1, the server then delivered about half of the engine's tokens/s for
         add_request  --("add", prompt ids, sampling, routing)-->   Engine.add_request
                      <--("added", seq id | ValueError)---------
         abort        --("abort", seq id)---------------------->    Engine.abort, between steps
-                     <--("aborted", EngineState)---------------    (so /metrics sees the blocks freed)
+                     <--("state", EngineState)-----------------    (so /metrics sees the blocks freed)
         step         <--("step", [CoreOutput], EngineState, [s])--  Engine.step, while it has work (the
                                                                     steps of up to STREAM_INTERVAL_S at once)
         close        --("stop")------------------------------->    exits
+                     <--("state", EngineState)-----------------    every IDLE_REPORT_S while idle
     engine process: run_engine_core(build, conn): build (load, warm-up) -> ("ready", EngineInfo) -> loop
 
 The client mirrors each sequence's logprobs and counts from the outputs (SeqMirror), so AsyncEngine reads
@@ -25,9 +26,10 @@ that may hold threads.
 from __future__ import annotations
 
 import multiprocessing
+import queue
 import signal
+import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,6 +38,7 @@ POLL_S = 0.002  # how long step() waits for the engine process before it returns
 # goes idle): each message costs the engine ~0.05-0.1 ms (a pipe write that wakes the server), which a
 # small model's 0.5 ms step would otherwise pay every token. SGLang and vLLM have a stream interval too.
 STREAM_INTERVAL_S = 0.001
+IDLE_REPORT_S = 1.0  # how often an idle engine process reports its state (for /health and /metrics)
 
 
 class EngineCoreDied(RuntimeError):
@@ -123,7 +126,8 @@ class SeqMirror:
 class EngineCoreClient:
     """Starts the engine process and speaks for it: AsyncEngine's engine thread calls add_request, abort,
     step and has_unfinished as on an Engine; the server reads tokenizer, max_model_len, config, backends,
-    max_tokens_left and unavailable_models. One thread uses it (AsyncEngine's engine thread)."""
+    max_tokens_left and unavailable_models (from any thread). A reader thread takes every message off the
+    pipe: steps queue for step(), answers for the command that waits on them, states replace `state`."""
 
     def __init__(self, build: Callable):
         ctx = multiprocessing.get_context("spawn")
@@ -132,16 +136,18 @@ class EngineCoreClient:
                                     daemon=True)
         self._process.start()
         child.close()
-        self._steps: deque = deque()  # step messages that arrived while waiting for an add's answer
-        self._seqs: dict[int, SeqMirror] = {}  # unfinished sequences
+        self._seqs: dict[int, SeqMirror] = {}  # unfinished sequences (engine thread only)
         self.step_seconds: list[float] = []  # durations of the engine steps the last step() returned
         kind, *payload = self._recv()
         if kind == "failed":
             self._process.join(timeout=10)
             raise payload[0]
-        info, self.state = payload
+        info, self.state = payload  # EngineState: replaced as reports come
         self.tokenizer, self.max_model_len, self.config = info.tokenizer, info.max_model_len, info.config
         self.backends = dict.fromkeys(info.models)
+        self._steps: queue.Queue = queue.Queue()  # (outputs, seconds) per message; None once the pipe closed
+        self._answers: queue.Queue = queue.Queue()  # answers to add / abort; None once the pipe closed
+        threading.Thread(target=self._read, name="collab-decode-engine-reader", daemon=True).start()
 
     def max_tokens_left(self, num_prompt_tokens: int) -> int:
         return max(1, self.max_model_len - num_prompt_tokens)
@@ -153,35 +159,43 @@ class EngineCoreClient:
         return bool(self._seqs)
 
     def add_request(self, prompt_ids: list[int], sampling, routing=None) -> int:
-        self._send(("add", prompt_ids, sampling, routing))
-        seq_id, error = self._answer()
-        if error is not None:
-            raise error
-        self._seqs[seq_id] = SeqMirror(sampling, len(prompt_ids))
-        return seq_id
+        result, = self.add_requests([(prompt_ids, sampling, routing)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def add_requests(self, requests: list[tuple]) -> list[int | Exception]:
+        """(prompt ids, sampling, routing) each -> its sequence id or the error that refused it. All are
+        sent before any answer is awaited, so the engine process takes them in one pause between steps."""
+        for prompt_ids, sampling, routing in requests:
+            self._send(("add", prompt_ids, sampling, routing))
+        results = []
+        for prompt_ids, sampling, _ in requests:
+            seq_id, error = self._answer()
+            if error is None:
+                self._seqs[seq_id] = SeqMirror(sampling, len(prompt_ids))
+            results.append(seq_id if error is None else error)
+        return results
 
     def abort(self, seq_id: int) -> None:
+        """Drop a sequence; the engine process frees its blocks before its next step (and reports it)."""
         if self._seqs.pop(seq_id, None) is not None:
             self._send(("abort", seq_id))
-            self.state, = self._answer()
-
-    def _answer(self) -> list:
-        """The engine process's answer to the last command; steps that arrive first wait for step()."""
-        while True:
-            kind, *payload = self._recv()
-            if kind != "step":
-                return payload
-            self._steps.append(payload)
 
     def step(self) -> list[CoreOutput]:
         """The outputs of the engine's next step (or of every step already received); [] if none came
         within POLL_S, so the caller can pass on new requests and aborts meanwhile."""
-        if not self._steps and self._conn.poll(POLL_S):
-            kind, *payload = self._recv()
-            self._steps.append(payload)
+        try:
+            messages = [self._steps.get(timeout=POLL_S)]
+        except queue.Empty:
+            return []
+        while not self._steps.empty():
+            messages.append(self._steps.get_nowait())
         outputs, self.step_seconds = [], []
-        while self._steps:
-            step_outputs, self.state, seconds = self._steps.popleft()
+        for message in messages:
+            if message is None:
+                raise self._died()
+            step_outputs, seconds = message
             self.step_seconds += seconds
             outputs += [out for out in step_outputs if self._mirror(out)]
         return outputs
@@ -206,17 +220,42 @@ class EngineCoreClient:
             self._process.terminate()
             self._process.join(timeout=5)
 
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, *payload = self._conn.recv()
+            except (EOFError, OSError):
+                self._steps.put(None)
+                self._answers.put(None)
+                return
+            if kind == "step":
+                outputs, self.state, seconds = payload
+                self._steps.put((outputs, seconds))
+            elif kind == "state":
+                self.state = payload[0]
+            else:
+                self._answers.put(payload)
+
+    def _answer(self) -> list:
+        answer = self._answers.get()
+        if answer is None:
+            raise self._died()
+        return answer
+
+    def _died(self) -> EngineCoreDied:
+        return EngineCoreDied(f"the engine process exited (code {self._process.exitcode})")
+
     def _send(self, message: tuple) -> None:
         try:
             self._conn.send(message)
         except (BrokenPipeError, EOFError, OSError):
-            raise EngineCoreDied(f"the engine process exited (code {self._process.exitcode})") from None
+            raise self._died() from None
 
     def _recv(self) -> tuple:
         try:
             return self._conn.recv()
         except (EOFError, OSError):
-            raise EngineCoreDied(f"the engine process exited (code {self._process.exitcode})") from None
+            raise self._died() from None
 
 
 # ---- engine process --------------------------------------------------------------------------------
@@ -249,15 +288,19 @@ class _Core:
         self.last_sent = 0.0
 
     def apply(self, block: bool) -> bool:
-        """Apply every command waiting (waiting for one if `block`); False once told to stop."""
+        """Apply every command waiting (waiting for one if `block`, and reporting the engine's state every
+        IDLE_REPORT_S meanwhile: a remote model's availability changes while nothing runs); False once
+        told to stop."""
         while block or self.conn.poll():
+            while block and not self.conn.poll(IDLE_REPORT_S):
+                self.conn.send(("state", EngineState.of(self.engine)))
             block = False
             kind, *payload = self.conn.recv()
             if kind == "stop":
                 return False
             if kind == "abort":
                 self.engine.abort(payload[0])
-                self.conn.send(("aborted", EngineState.of(self.engine)))
+                self.conn.send(("state", EngineState.of(self.engine)))  # /metrics sees the blocks freed
                 continue
             try:
                 self.conn.send(("added", self.engine.add_request(*payload), None))
@@ -303,7 +346,8 @@ def _picklable(e: BaseException) -> BaseException:
 
 class EngineProcess:
     """A builder for AsyncEngine (or Server) that puts the engine in a process of its own: called (on the
-    engine thread), it starts the engine process, which calls `build`, and returns its client."""
+    engine thread), it starts the engine process, which calls `build`, and returns its client. The engine
+    process is spawned, so a script that starts one needs the usual `if __name__ == "__main__":` guard."""
 
     def __init__(self, build: Callable):
         self.build = build  # picklable: the engine process calls it
