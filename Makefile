@@ -31,7 +31,7 @@ test: setup
 test-vllm: setup
 	$(PY) -m pytest -x -m vllm -rP tests/backends/test_remote_vllm.py
 
-# The speed-against-accuracy report of the demo pair, engine and server (docs/benchmarks.md; ~20 minutes)
+# The speed-against-accuracy report of the demo pair, engine and server (docs/benchmarks.md; ~15 minutes on 2 cores)
 bench: setup
 	$(VENV)/bin/collab-decode bench run --grpc --out docs/results/bench
 

@@ -5,6 +5,8 @@ that cannot be built fails the server's start with its error."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import httpx
 import pytest
@@ -23,7 +25,9 @@ def broken_engine():
 
 @pytest.fixture(scope="module")
 def served():
+    started = time.monotonic()
     with running_server(ServeConfig(port=0, grpc_port=0, log_level="warning"), EngineProcess(demo_engine)) as s:
+        s.started = started
         yield s
 
 
@@ -62,6 +66,8 @@ def test_abandoned_stream_frees_its_blocks_and_bad_requests_get_400(served):
     metrics = served.wait_idle()  # in flight, waiting, running and every KV block: back to 0
     assert metrics['collab_decode_requests_total{outcome="abort"}'] >= 1
     assert metrics["collab_decode_engine_step_seconds_count"] > 0
+    # steps run one after another: each engine-process step observed once, never more time than has passed
+    assert metrics["collab_decode_engine_step_seconds_sum"] < time.monotonic() - served.started
     ok = httpx.post(f"{served.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
 
