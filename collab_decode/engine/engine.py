@@ -61,6 +61,7 @@ class Engine:
         self.runner = ModelRunner(self.backends, kv, self.vocab_size)
         self.output = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len, self.config.step_delimiter,
                                       self._finish)
+        self.fingerprint = fingerprint  # the pair's, when built from model directories (build_engine)
         self.router_context = RouterContext(small.hidden_size, {
             name: load_router(path, small.hidden_size, fingerprint) for name, path in (routers or {}).items()})
         self._routers: OrderedDict[RoutingSpec, Router | None] = OrderedDict()  # most recently used last

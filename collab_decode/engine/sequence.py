@@ -122,10 +122,6 @@ class Sequence:
         """The request asked for prompt logprobs and the prompt has not been scored yet."""
         return self.sampling.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
-    def backlog(self, model: str) -> list[int]:
-        """The tokens `model` has not processed yet: its next forward chunk."""
-        return self.token_ids[self.num_cached[model]:]
-
     def append(self, token_id: int, source: str) -> None:
         self.token_ids.append(token_id)
         self.provenance.append(source)

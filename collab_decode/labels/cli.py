@@ -154,11 +154,8 @@ def _engine(args, small: str, large: str, settings: LabelSettings):
 
 
 def _pair_record(engine, small: str, large: str) -> dict:
-    from collab_decode.pairs import pair_fingerprint
-
-    config = json.loads((Path(small) / "config.json").read_text())
-    return {"fingerprint": pair_fingerprint(engine.tokenizer.get_vocab(), config), "small": str(small),
-            "large": str(large), "vocab_size": engine.vocab_size}
+    return {"fingerprint": engine.fingerprint, "small": str(small), "large": str(large),
+            "vocab_size": engine.vocab_size}
 
 
 def _print_summary(out: Path, manifest: dict) -> None:
