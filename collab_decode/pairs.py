@@ -14,6 +14,19 @@ SHIPPED_PAIRS: dict[str, Path] = {
 }
 
 
+# Routers trained for a shipped pair, loaded by `--pair NAME` unless --router is given. They live in the source
+# tree beside the package (router_models/); an install without them serves the pair without a neural router.
+SHIPPED_ROUTERS: dict[str, dict[str, Path]] = {
+    "demo": {"demo": _PACKAGE.parent / "router_models" / "demo"},
+}
+
+
+def pair_routers(name: str | None) -> dict[str, Path]:
+    """The shipped routers of pair `name` that are present here, by router name (none for other pairs)."""
+    routers = SHIPPED_ROUTERS.get(name or "", {})
+    return {router: path for router, path in routers.items() if (path / "config.json").is_file()}
+
+
 def pair_dir(name: str, which: str) -> Path:
     """The `small` or `large` checkpoint directory of a shipped pair."""
     if name not in SHIPPED_PAIRS:

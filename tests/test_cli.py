@@ -8,6 +8,7 @@ without paying a torch import per run.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ import torch
 
 from collab_decode.cli import HIGHLIGHT, RESET, build_parser, main
 from collab_decode.engine.args import engine_from_args
+from collab_decode.routing import parse_routing
 from tests.backends.test_remote_cli import REMOTE_FLAGS_CHECKED
 from tests.utils import make_pair, save_tiny_lm
 
@@ -233,6 +235,21 @@ def test_engine_flags_reach_the_engine(pair, tmp_path):
         with pytest.raises((RuntimeError, AssertionError), match="(?i)cuda"):
             engine_from_args(build_parser().parse_args(["generate", "--model", str(pair[0]), "--prompt", "x",
                                                         "--device", "cuda"]))
+
+
+def test_the_demo_pair_loads_its_shipped_router_unless_routers_are_given(tmp_path):
+    """`--pair demo` alone: the router requests name `demo` (router_models/demo) is loaded, and `neural` alone
+    uses it; with --router, only the routers given."""
+    from collab_decode.pairs import SHIPPED_ROUTERS
+
+    args = build_parser().parse_args(["generate", "--pair", "demo", "--prompt", "x"])
+    engine = engine_from_args(args)
+    assert list(engine.router_context.routers) == ["demo"]
+    assert engine.router_for(parse_routing("neural")).model is engine.router_context.routers["demo"].model
+    assert SHIPPED_ROUTERS["demo"]["demo"].resolve() == (Path(__file__).parents[1] / "router_models" / "demo").resolve()
+    (mine,) = save_routers(tmp_path, 64, "mine")
+    args = build_parser().parse_args(["generate", "--pair", "demo", "--prompt", "x", "--router", str(mine)])
+    assert list(engine_from_args(args).router_context.routers) == ["mine"]
 
 
 GENERATE_FLAGS_CHECKED = {

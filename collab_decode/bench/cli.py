@@ -28,7 +28,9 @@ def add_bench_parser(sub) -> None:
                             ("pair", "demo pair: accuracy vs large share per policy, batch-1 speed "
                                      "(see --help after --)"),
                             ("remote", "demo pair with the large model local vs behind --large-url: ms per large "
-                                       "call, break-even large share (see --help after --)")]:
+                                       "call, break-even large share (see --help after --)"),
+                            ("router", "demo pair: neural router vs entropy vs random, accuracy against large "
+                                       "share, router cost (see --help after --)")]:
         p = bench_sub.add_parser(name, help=help_text)
         p.add_argument("rest", nargs=argparse.REMAINDER, help=f"arguments of collab_decode.bench.{name}_bench")
         p.set_defaults(func=cmd_bench, bench_module=name)

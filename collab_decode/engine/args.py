@@ -15,6 +15,7 @@ from collab_decode.backends.remote import API_KEY_ENV as REMOTE_API_KEY_ENV
 from collab_decode.backends.remote import RemoteConfig, remote_fields
 from collab_decode.engine.config import EngineConfig
 from collab_decode.engine.scheduler import SchedulerConfig
+from collab_decode.pairs import pair_routers
 
 CONFIGS = (EngineConfig, SchedulerConfig)
 UNIT_NAMES = {1 << 20: "mib"}
@@ -42,7 +43,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="run decode steps through torch.compile (native backend; ~1 minute to compile on first use)")
     g.add_argument("--router", action="append", default=[], metavar="NAME=DIR",
                    help="a neural router checkpoint requests may name (repeatable; NAME defaults to the directory's "
-                        "name; the first is what `neural` alone uses)")
+                        "name; the first is what `neural` alone uses). Default with --pair: the pair's shipped "
+                        "routers (demo: router_models/demo, named demo)")
     r = parser.add_argument_group("remote large model (an OpenAI-compatible endpoint: vLLM, collab-decode)")
     for f in remote_fields():
         r.add_argument("--large-" + f.name.replace("_", "-"), dest="large_" + f.name, type=f.metadata["type"] or
@@ -104,5 +106,6 @@ def engine_from_args(args: argparse.Namespace, policy_needs_large: bool = True):
         raise SystemExit("error: no model: give --model DIR, --pair demo, or --small DIR --large DIR (or --large-url)")
     if not policy_needs_large:
         large = remote = None
+    routers = routers_from_args(args.router) if args.router else pair_routers(args.pair)
     return build_engine(small, large, args.backend, args.dtype, args.device, config_from_args(args), args.compile,
-                        routers_from_args(args.router), remote)
+                        routers, remote)

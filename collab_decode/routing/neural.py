@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from collab_decode.routing.features import feature_size, router_features
@@ -31,7 +32,22 @@ class RouterMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features).squeeze(-1)  # (B,) logits
+        # Functional calls over the layers' parameters: at batch 1 the modules' __call__ overhead would cost
+        # more than the arithmetic. Same parameters and state-dict keys as self.net.
+        x = features
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                x = F.linear(x, layer.weight, layer.bias)
+            elif isinstance(layer, nn.LayerNorm):
+                x = F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+            else:
+                x = F.gelu(x)
+        return x.squeeze(-1)  # (B,) logits
+
+
+def top1_prob(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits -> (B,) probability of the most likely token."""
+    return torch.exp(logits.max(-1).values - torch.logsumexp(logits, -1))
 
 
 @dataclass
@@ -101,6 +117,9 @@ class NeuralRoute(Router):
                 raise ValueError("this router has no calibration table: ask for a threshold, not a large_share")
             threshold = threshold_for_share(table, large_share)
         self.threshold = router.config.get("threshold", 0.5) if threshold is None else threshold
+        # Positions where the small model's top-1 probability reaches the gate are never routed and skip the
+        # MLP (the trainer sets the gate above every divergent training position; None: no gate)
+        self.gate = router.config.get("gate")
 
     @classmethod
     def from_spec(cls, spec, context: RouterContext) -> "NeuralRoute":
@@ -112,9 +131,17 @@ class NeuralRoute(Router):
         return cls(context.routers[name], spec.threshold, spec.large_share)
 
     def scores(self, inputs: RouterInputs) -> torch.Tensor:
-        """(B,) probability that each position is divergent."""
-        feats = router_features(inputs.hidden, inputs.embed(inputs.proposed), inputs.logits, self.model.top_k)
-        return torch.sigmoid(self.model(feats))
+        """(B,) probability that each position is divergent; 0 where the gate says the small model is sure."""
+        if self.gate is None:
+            return torch.sigmoid(self.model(self.features(inputs)))
+        rows = (top1_prob(inputs.logits) < self.gate).nonzero().squeeze(1)  # (R,) the uncertain positions
+        out = inputs.logits.new_zeros(len(inputs.logits))
+        if len(rows):
+            out[rows] = torch.sigmoid(self.model(self.features(inputs.select(rows.tolist()))))
+        return out
+
+    def features(self, inputs: RouterInputs) -> torch.Tensor:
+        return router_features(inputs.hidden, inputs.embed(inputs.proposed), inputs.logits, self.model.top_k)
 
     def decide(self, inputs: RouterInputs) -> torch.Tensor:
         return self.scores(inputs) > self.threshold

@@ -46,9 +46,11 @@ def pr_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 def calibration_table(scores: torch.Tensor, labels: torch.Tensor, num_points: int = 200) -> list[dict]:
     """Thresholds at score quantiles, each with the recall of divergent rows and the large share it gives
-    (a row is routed when its score > threshold). Sorted by threshold, ascending."""
+    (a row is routed when its score > threshold). Sorted by threshold, ascending. Besides `num_points`
+    evenly spaced quantiles, large shares up to 10% get a point every 0.1%: the operating points live there."""
     scores, labels = scores.double(), labels.bool()
-    qs = torch.linspace(0, 1, num_points, dtype=torch.double)
+    qs = torch.cat([torch.linspace(0, 1, num_points, dtype=torch.double),
+                    1 - torch.linspace(0, 0.1, 101, dtype=torch.double)]).clamp(0, 1)
     thresholds = torch.unique(torch.quantile(scores, qs))
     num_pos = max(1, int(labels.sum()))
     table = []

@@ -130,13 +130,16 @@ def train_router(dataset_dir: str | Path, out_dir: str | Path, settings: TrainSe
     train, val = data.split_by_query(settings.val_fraction, settings.seed)
     train, val = train & usable, val & usable
     model, log = fit(features, divergent, train, val, hidden_size, top_k, settings, progress)
-    scores = predict(model, features[val])
+    top1 = _top1_prob(data, features, layout)
+    gate = confidence_gate(top1[train], divergent[train])
+    scores = torch.where(top1[val] < gate, predict(model, features[val]), 0.0)  # what the online router scores
     metrics = evaluate(scores, divergent[val], _baselines(data, features, layout, val))
     table = calibration_table(scores, divergent[val])
     chosen = threshold_for_recall(table, settings.recall_target)
     config = {
         "hidden_size": hidden_size, "top_k": top_k, "width": settings.width, "num_layers": settings.num_layers,
-        "threshold": chosen["threshold"], "recall_target": settings.recall_target,
+        "threshold": chosen["threshold"], "recall_target": settings.recall_target, "gate": gate,
+        "gate_pass_fraction": float((top1[val] < gate).double().mean()),
         "calibration": table, "metrics": metrics,
         "pair": {"fingerprint": data.manifest["pair"]["fingerprint"]},
         "data": {"dataset": str(dataset_dir), "num_rows": int(usable.sum()), "num_train_rows": int(train.sum()),
@@ -145,6 +148,22 @@ def train_router(dataset_dir: str | Path, out_dir: str | Path, settings: TrainSe
     }
     save_router(out_dir, model, config)
     return TrainResult(model, config)
+
+
+def confidence_gate(top1: torch.Tensor, divergent: torch.Tensor) -> float:
+    """The small model's top-1 probability at or above which the router never routes (and never runs):
+    halfway between the most confident divergent training position and certainty."""
+    most_confident = float(top1[divergent.bool()].max()) if divergent.any() else 0.0
+    return (1.0 + most_confident) / 2
+
+
+def _top1_prob(data, features: torch.Tensor, layout: dict) -> torch.Tensor:
+    """(N,) the small model's top-1 probability: the dataset's full-vocabulary column where it has one, else
+    a softmax over the features' top-k logits (an upper bound, so a gate from it only lets more rows through)."""
+    if "top1_prob" in data.tensors:
+        return data.tensors["top1_prob"].float()
+    lo, hi = layout["layout"]["top_k_logits"]
+    return torch.softmax(features[:, lo:hi].float(), -1)[:, 0]
 
 
 def _baselines(data, features: torch.Tensor, layout: dict, rows: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -105,3 +105,40 @@ def test_a_router_without_a_table_refuses_a_budget(tmp_path, trained):
     context = RouterContext(HIDDEN, {"bare": load_router(tmp_path / "bare")})
     with pytest.raises(ValueError, match="no calibration table"):
         build_router(parse_routing("neural:bare:share=0.1"), context)
+
+
+def test_the_functional_forward_equals_the_layers(trained):
+    _, model, _ = trained
+    x = torch.randn(7, 2 * HIDDEN + TOP_K)
+    torch.testing.assert_close(model(x), model.net(x).squeeze(-1), rtol=0, atol=1e-6)
+
+
+def test_the_fine_calibration_points_cover_small_shares():
+    scores, labels = torch.rand(20_000, generator=torch.Generator().manual_seed(0)), torch.zeros(20_000)
+    shares = sorted(r["large_share"] for r in calibration_table(scores, labels))
+    for target in torch.linspace(0.001, 0.1, 100).tolist():
+        assert min(abs(s - target) for s in shares) < 2e-4, target
+
+
+def test_the_confidence_gate_skips_sure_positions_and_keeps_the_rest(trained):
+    """Rows where the small model's top-1 probability reaches the gate score 0 (never routed); the others
+    score exactly what the ungated router gives them. The trainer's gate sits above every divergent row."""
+    from collab_decode.routing.neural import LoadedRouter, NeuralRoute, top1_prob
+    from collab_decode.routing.policies import RouterInputs
+    from collab_decode.trainer.train import confidence_gate
+
+    assert confidence_gate(torch.tensor([0.3, 0.99, 0.6, 0.2]), torch.tensor([1, 0, 1, 0])) == pytest.approx(0.8)
+    _, model, _ = trained
+    g = torch.Generator().manual_seed(1)
+    vocab, rows = 20, 12
+    logits = torch.randn(rows, vocab, generator=g)
+    logits[::3, 0] += 12.0  # every third row: the small model is sure
+    table = torch.randn(vocab, HIDDEN, generator=g)
+    inputs = RouterInputs([None] * rows, logits, torch.randn(rows, HIDDEN, generator=g), logits.argmax(-1),
+                          lambda ids: table[ids])
+    ungated = NeuralRoute(LoadedRouter(model, {"threshold": 0.5})).scores(inputs)
+    gated = NeuralRoute(LoadedRouter(model, {"threshold": 0.5, "gate": 0.9})).scores(inputs)
+    sure = top1_prob(logits) >= 0.9
+    assert sure.sum() == 4 and (ungated[sure] > 0).all()
+    assert (gated[sure] == 0).all()
+    torch.testing.assert_close(gated[~sure], ungated[~sure], rtol=0, atol=1e-6)
