@@ -8,8 +8,8 @@ Data flow, once per engine step and model:
       -> Sampler.sample: exponential race, argmax(probs / q), where each random row's noise q comes
          from that request's own torch.Generator (so a request's draws never depend on the rest of
          the batch) and greedy rows use q = 1 (no randomness consumed)
-      -> SampleOutput: token ids, their logprobs under the *raw* model distribution, and optional
-         top-n alternatives
+      -> SampleOutput: token ids, their logprobs under the *raw* model distribution, optional
+         top-n alternatives, and which rows' logits were not finite (NaN/inf: their request must fail)
     detokenised text -> check_stop: where to truncate the output at a stop string.
 
 `processed_probs` is also the target/draft distribution of speculative decoding's rejection sampling,
@@ -25,15 +25,33 @@ from functools import cached_property
 import torch
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's limit)
+INT64_MAX = 2**63 - 1  # integer fields become int64 tensors: nothing larger can be represented
+SEED_RANGE = (-2**63, 2**64)  # what torch.Generator.manual_seed takes (as int64 or uint64)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the sampler's dtype: a larger temperature is inf there
 _TOP_P_SLACK = 1e-6  # cumulative mass this close to top_p counts as reaching it (float32 sums)
+
+
+class SamplingError(ValueError):
+    """A sampling parameter the engine cannot honour; `param` names the field (REST reports it)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # pickles (to and from an engine process) with both arguments
+        return type(self), (self.param, str(self))
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its tokens. Validated on construction."""
+    """How one request picks its tokens. Validated on construction: every integer fits int64 and every float
+    is finite (and the temperature fits float32), so no request can make a step raise."""
 
     max_tokens: int = 16  # most tokens to generate (>= 1)
-    temperature: float = 1.0  # logits are divided by it; 0 = greedy
+    # logits are divided by it; 0 = greedy. Any tiny positive value works and tends to greedy as it shrinks
+    # (probabilities are computed relative to the row's top logit, so nothing overflows; vLLM instead raises
+    # temperatures below 0.01 to 0.01)
+    temperature: float = 1.0
     top_p: float = 1.0  # nucleus: keep the smallest set of top tokens with mass >= top_p; 1 = off
     top_k: int = 0  # keep the k most likely tokens; 0 or -1 = off
     seed: int | None = None  # seeds this request's own generator; None = global RNG
@@ -48,28 +66,34 @@ class SamplingParams:
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", stop)
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         self._validate()
 
     def _validate(self) -> None:
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
-                or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 = disabled), got {self.top_k!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT64_MAX:
+            raise SamplingError("max_tokens", f"max_tokens must be an integer in [1, 2**63 - 1], "
+                                              f"got {self.max_tokens!r}")
+        if not _is_real(self.temperature) or not 0 <= self.temperature <= FLOAT32_MAX:
+            raise SamplingError("temperature", f"temperature must be finite, >= 0 and <= {FLOAT32_MAX:.4g} "
+                                               f"(float32), got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise SamplingError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= INT64_MAX:
+            raise SamplingError("top_k", f"top_k must be an integer in [-1, 2**63 - 1] (0 or -1 = disabled), "
+                                         f"got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+            raise SamplingError("seed", f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
-                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+                raise SamplingError(name, f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        bad_ids = [t for t in self.stop_token_ids if not _is_int(t) or not 0 <= t <= INT64_MAX]
+        if bad_ids:
+            raise SamplingError("stop_token_ids", f"stop_token_ids must be integers in [0, 2**63 - 1], "
+                                                  f"got {bad_ids[:5]!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings, got {s!r} in {self.stop!r}")
+                raise SamplingError("stop", f"stop strings must be non-empty strings, got {s!r} in {self.stop!r}")
 
     @property
     def greedy(self) -> bool:
@@ -79,6 +103,11 @@ class SamplingParams:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -93,11 +122,26 @@ class SampleOutput:
     # None when no row wants alternatives.
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
+    # (B,) bool: the row's logits held a NaN or +inf, or nothing finite (its token means nothing); None = none
+    nonfinite: torch.Tensor | None = None
 
     @cached_property
+    def _on_host(self) -> tuple[list[int], list[int]]:
+        # one host copy for the whole batch: the tokens and the non-finite flags together
+        if self.nonfinite is None:
+            return self.token_ids.tolist(), []
+        token_ids, flags = torch.stack([self.token_ids, self.nonfinite.to(self.token_ids.dtype)]).tolist()
+        return token_ids, [row for row, flag in enumerate(flags) if flag]
+
+    @property
     def token_id_list(self) -> list[int]:
-        """token_ids as Python ints: one host copy for the whole batch, however many rows are read."""
-        return self.token_ids.tolist()
+        """token_ids as Python ints (one host copy for the whole batch, however many rows are read)."""
+        return self._on_host[0]
+
+    @property
+    def nonfinite_rows(self) -> list[int]:
+        """Rows whose logits were not finite: their requests must fail (read with token_id_list: one copy)."""
+        return self._on_host[1]
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -113,13 +157,16 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     """The distribution each row is sampled from: (B, V) logits -> (B, V) float32 probs.
 
     Temperature, then top-k, then top-p on the renormalised survivors (vLLM's order); greedy rows
-    are one-hot on the argmax of the raw logits. Rows sum to 1.
+    are one-hot on the argmax of the raw logits. Rows of finite logits sum to 1, whatever the temperature:
+    logits are taken relative to their row's maximum before the division, so a tiny temperature sends the
+    others to -inf (probability 0) instead of overflowing to inf (NaN probabilities).
     """
     logits = logits.float()  # (B, V)
     if len(params) != logits.shape[0]:
         raise ValueError(f"got {len(params)} SamplingParams for {logits.shape[0]} rows of logits")
     temperature = _row_tensor([1.0 if p.greedy else p.temperature for p in params], logits)  # (B,)
-    scaled = logits / temperature[:, None]  # (B, V)
+    temperature = temperature.clamp_min(torch.finfo(torch.float32).tiny)  # 1e-300 is 0 in float32
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]  # (B, V), <= 0
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
         probs = _top_k_top_p_probs(scaled, params)
     else:
@@ -163,7 +210,8 @@ class Sampler:
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
     ) -> SampleOutput:
-        """(B, V) logits -> SampleOutput. `generators[i]` drives row i (None: global RNG)."""
+        """(B, V) logits -> SampleOutput. `generators[i]` drives row i (None: global RNG). A row whose
+        logits are not finite still gets a token (in range, meaningless) and is flagged in `nonfinite`."""
         if not len(params) == len(generators) == logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} rows of logits, {len(params)} params and "
                              f"{len(generators)} generators must match")
@@ -173,7 +221,9 @@ class Sampler:
         else:
             probs = processed_probs(logits, params)  # (B, V)
             token_ids = (probs / self._race_noise(probs, params, generators)).argmax(dim=-1)
-        return logprobs_of(logits, token_ids, params)
+        out = logprobs_of(logits, token_ids, params)
+        out.nonfinite = nonfinite_rows(logits)
+        return out
 
     @staticmethod
     def _race_noise(probs: torch.Tensor, params: list[SamplingParams],
@@ -196,6 +246,12 @@ class Sampler:
             noise[index] = torch.empty_like(noise[index]).exponential_()
         # exponential_ may return exactly 0 in float32: keep the division finite.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B,) bool: rows holding a NaN or +inf, or no finite value (-inf alone is a banned token).
+    One reduction: a row's max is NaN if any entry is, +inf if any is, -inf if all are."""
+    return ~torch.isfinite(logits.amax(dim=-1))
 
 
 def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SampleOutput:

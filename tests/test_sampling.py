@@ -62,6 +62,35 @@ def test_tiny_temperature_behaves_like_greedy():
         assert torch.equal(sample(logits, params, generators).token_ids, logits.argmax(-1))
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45, 1e-300, 5e-324])
+def test_underflowing_temperature_is_greedy_not_token_0(temperature):
+    logits = random_logits(8) + 50  # large logits: logits / 1e-30 alone would overflow to inf
+    params = [SamplingParams(temperature=temperature, seed=i) for i in range(8)]
+    probs = processed_probs(logits, params)
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), VOCAB).float())
+    generators = [make_generator(i) for i in range(8)]
+    out = sample(logits, params, generators)
+    assert torch.equal(out.token_ids, logits.argmax(-1)) and not out.nonfinite_rows
+
+
+def test_rows_with_nan_or_inf_logits_are_flagged_and_the_others_unchanged():
+    logits = random_logits(6)
+    logits[1, 3] = float("nan")
+    logits[2, 0] = float("inf")
+    logits[3] = float("-inf")  # nothing finite at all
+    logits[4, :5] = float("-inf")  # banned tokens are fine
+    params = [SamplingParams(temperature=1.0, seed=i, logprobs=2) for i in range(6)]
+    out = sample(logits, params, [make_generator(i) for i in range(6)])
+    assert out.nonfinite_rows == [1, 2, 3]
+    assert all(0 <= t < VOCAB for t in out.token_id_list)
+    for row in (0, 4, 5):  # what each healthy row draws alone, with its own generator
+        alone = sample(logits[row:row + 1], params[row:row + 1], [make_generator(row)])
+        assert out.token_id_list[row] == alone.token_id_list[0] and not alone.nonfinite_rows
+    assert out.token_id_list[4] >= 5 and torch.isfinite(out.logprobs[4])  # never a banned token
+    greedy = sample(logits, [SamplingParams(temperature=0.0)] * 6)
+    assert greedy.nonfinite_rows == [1, 2, 3]
+
+
 def test_top_k_1_equals_greedy():
     logits = random_logits(6)
     params = [SamplingParams(temperature=2.0, top_k=1)] * 6
@@ -227,12 +256,31 @@ def test_top_logprobs_sorted_and_sized_to_largest_request():
         (dict(logprobs=-1), "-1"),
         (dict(seed="abc"), "'abc'"),
         (dict(stop=["ok", ""]), "''"),
+        # what the engine cannot represent: integers beyond int64 (seeds: torch's [-2**63, 2**64)), floats
+        # beyond float32
+        (dict(max_tokens=2**63), str(2**63)),
+        (dict(top_k=2**63), str(2**63)),
+        (dict(seed=2**64), str(2**64)),
+        (dict(seed=-2**63 - 1), str(-2**63 - 1)),
+        (dict(stop_token_ids=[3, -1]), "[-1]"),
+        (dict(stop_token_ids=[2**63]), str(2**63)),
+        (dict(stop_token_ids=["7"]), "'7'"),
+        (dict(temperature=1e39), "1e+39"),
+        (dict(top_p=float("nan")), "nan"),
     ],
 )
 def test_validation_errors_quote_the_value(kwargs, quoted):
     name = next(iter(kwargs))
-    with pytest.raises(ValueError, match=rf"{name}.*{re.escape(quoted)}"):
+    with pytest.raises(ValueError, match=rf"{name}.*{re.escape(quoted)}") as e:
         SamplingParams(**kwargs)
+    assert e.value.param == name  # the REST layer reports it as the error's `param`
+
+
+def test_the_edges_of_each_range_are_accepted():
+    params = SamplingParams(max_tokens=2**63 - 1, top_k=2**63 - 1, seed=2**64 - 1, stop_token_ids=[0, 2**63 - 1],
+                            temperature=float(torch.finfo(torch.float32).max))
+    assert sample(random_logits(1), [params], [make_generator(params.seed)]).token_ids.shape == (1,)
+    assert SamplingParams(seed=-2**63, temperature=5e-324).seed == -2**63
 
 
 def test_stop_lists_become_tuples():

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from collab_decode.routing import Router
+
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
 
@@ -69,13 +71,62 @@ def save_tiny_lm(path: Path, seed: int, hidden: int = 64, layers: int = 2, vocab
     tok_dir = demo_tokenizer_dir()
     vocab = vocab_size or len(AutoTokenizer.from_pretrained(str(tok_dir)))
     model = make_hf_model("llama", seed, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                          intermediate_size=2 * hidden, tie_word_embeddings=True, eos_token_id=0,
-                          max_position_embeddings=512, **overrides)
+                          intermediate_size=2 * hidden, eos_token_id=0, max_position_embeddings=512,
+                          **{"tie_word_embeddings": True, **overrides})
     model.save_pretrained(str(path), safe_serialization=True)
     for name in DEMO_TOKENIZER_FILES:
         if (tok_dir / name).exists():
             shutil.copy(tok_dir / name, path / name)
     return path
+
+
+def poison_embedding(model_dir: Path, token_id: int) -> Path:
+    """Make a saved model's input embedding of `token_id` NaN: any sequence holding that token gets NaN
+    hidden states and logits, the others none (the model must be untied, or every logit of that id is NaN)."""
+    from safetensors.torch import load_file, save_file
+
+    (path,) = model_dir.glob("*.safetensors")
+    weights = load_file(str(path))
+    weights["model.embed_tokens.weight"][token_id] = float("nan")
+    save_file(weights, str(path), metadata={"format": "pt"})
+    return model_dir
+
+
+def make_poisoned_pair(root: Path, token_id: int) -> tuple[Path, Path]:
+    """make_pair's models, untied, with the input embedding of `token_id` NaN in both: a request holding that
+    token gets NaN logits from either model, every other request the logits it would get anyway."""
+    small = save_tiny_lm(root / "small", seed=1, hidden=32, tie_word_embeddings=False)
+    large = save_tiny_lm(root / "large", seed=2, hidden=64, layers=3, tie_word_embeddings=False)
+    return poison_embedding(small, token_id), poison_embedding(large, token_id)
+
+
+DECIDE_FAILS, OBSERVE_FAILS = 13, 14  # the seeds of the requests FlakyRoute fails on
+
+
+class FlakyRoute(Router):
+    """A router (policy "flaky", see register_flaky_policy) that raises for one request: in `decide` for a batch
+    holding the sequence seeded DECIDE_FAILS, in `observe` for the one seeded OBSERVE_FAILS. Otherwise it routes
+    the tokens the small model proposes with an even id: both models write, the same in a batch as alone."""
+
+    def new_state(self, seed: int | None = None):
+        return seed
+
+    def decide(self, inputs) -> torch.Tensor:
+        if DECIDE_FAILS in inputs.states:
+            raise RuntimeError("decide failed")
+        return inputs.proposed % 2 == 0
+
+    def observe(self, state, routed: bool) -> None:
+        if state == OBSERVE_FAILS:
+            raise RuntimeError("observe failed")
+
+
+def register_flaky_policy(monkeypatch) -> str:
+    """Make "flaky" a routing policy (FlakyRoute) for one test, as a policy file and a registry line would."""
+    from collab_decode.routing.registry import POLICIES, PolicyInfo
+
+    monkeypatch.setitem(POLICIES, "flaky", PolicyInfo("token", None, None, f"{__name__}:FlakyRoute", "flaky"))
+    return "flaky"
 
 
 def make_pair(tmp_path: Path, **overrides) -> tuple[Path, Path]:

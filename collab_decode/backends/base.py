@@ -45,7 +45,8 @@ class ModelOutput:
 
 class Backend(Protocol):
     """What the engine needs from a model: the engine reads these attributes and calls these methods,
-    nothing else."""
+    nothing else. A backend with a paged cache also has `clear_blocks(block_ids)`: zero those blocks (the
+    engine calls it for a failed request's blocks, which may hold NaN, before the pool hands them out)."""
 
     vocab_size: int  # rows of the logits (may exceed the tokenizer's by padding)
     hidden_size: int  # width of the hidden states it returns (router features)

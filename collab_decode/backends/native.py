@@ -53,6 +53,13 @@ class NativeBackend:
     def release(self, seq_id: int) -> None:
         pass  # blocks are owned by the engine's KVCacheManager
 
+    def clear_blocks(self, block_ids: list[int]) -> None:
+        """Zero these blocks' K/V (a failed request's, which may hold NaN) before another sequence gets them."""
+        index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        for k, v in zip(self.cache.k, self.cache.v):
+            k.index_fill_(0, index, 0)
+            v.index_fill_(0, index, 0)
+
     @torch.inference_mode()
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.model.embed_tokens(token_ids.to(self.device))
@@ -136,7 +143,9 @@ class NativeBackend:
     def _prepare_decode(self, meta: AttentionMetadata, rows: list[int], tables: list[list[int]],
                         seq_lens: list[int]) -> None:
         max_blocks = max(len(t) for t in tables)
-        padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int64)
+        # pad with the sequence's own last block, never another's: masked keys still meet their values as
+        # 0 * value, and another sequence's NaN would come through as NaN
+        padded = torch.tensor([t + t[-1:] * (max_blocks - len(t)) for t in tables], dtype=torch.int64)
         meta.decode_token_idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
         meta.decode_block_tables = padded.to(self.device)
         if min(seq_lens) == max(seq_lens):

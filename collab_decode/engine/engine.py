@@ -6,9 +6,14 @@ step() is the whole token path, in public parts:
     proposals, view = run_small(plan)                 small forward (catch-up chunks + decodes), proposals
     routed = route(proposals, view)                   each distinct router asked once, batched
     run_large(routed, proposals)                      the large model catches up and writes routed tokens
+                                                      (and prefills prompts it must score: prompt_logprobs)
                                                       (a BackendError ends only the requests it names)
     outputs = postprocess(proposals)                  append, stop rule, stream (engine/output.py)
     outputs += speculative_step(seqs, ...)            draft/verify sequences (engine/speculative.py)
+
+One request's failure is its own: a proposal whose logits are not finite (NaN/inf), a router that raises
+on a sequence, or an error while committing its token ends that request with finish reason "error" (its
+blocks freed and zeroed); the rest of the batch goes on as if it had not been there.
 
 The small model's proposal at a routed position is never fed to it (the large model's token replaces
 it before either cache sees it), so token-level routing needs no rollback. Decode modes (token, step,
@@ -18,6 +23,7 @@ speculative) are the engine's; routers only decide (collab_decode/routing).
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -28,7 +34,7 @@ import torch
 
 from collab_decode.backends.base import Backend, BackendError, unavailable_reason
 from collab_decode.engine.config import EngineConfig
-from collab_decode.engine.output import OutputProcessor, RequestOutput
+from collab_decode.engine.output import OutputProcessor, RequestOutput, internal_error, nonfinite_error
 from collab_decode.engine.runner import ModelRunner, StepTimes
 from collab_decode.engine.scheduler import Scheduler, ScheduleOutput
 from collab_decode.engine.sequence import LARGE, SMALL, Sequence
@@ -39,6 +45,8 @@ from collab_decode.routing.neural import load_router
 from collab_decode.sampling import SampleOutput, SamplingParams, make_generator
 
 ROUTER_CACHE_SIZE = 64  # routers kept for distinct specs (a request naming a new threshold builds one)
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -152,6 +160,10 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        # Denormal floats make CPU kernels ~50x slower, even in vector lanes a kernel reads but does not use
+        # (measured: the router's LayerNorm, 5.8 ms instead of 0.02 ms at batch 64). The flag is per thread,
+        # and costs one instruction, so every step sets it on the thread that steps.
+        torch.set_flush_denormal(True)
         self.runner.times = StepTimes()
         plan = self.scheduler.schedule()
         token_plan, spec_seqs = self.split_speculative(plan)
@@ -198,8 +210,10 @@ class Engine:
             idx = torch.tensor(rows)
             sampled, logits, hidden = [seqs[i] for i in rows], out.logits[idx, :self.vocab_size], out.hidden[idx]
         sample = self.runner.sample(logits, sampled)
+        nonfinite = set(sample.nonfinite_rows)
         for j, seq in enumerate(sampled):
-            proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j)
+            proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j,
+                                             error=nonfinite_error(SMALL) if j in nonfinite else None)
         inputs = RouterInputs([s.router_state for s in sampled], logits, hidden, sample.token_ids,
                               self.backends[SMALL].embed)
         return proposals, SmallView(sampled, inputs)
@@ -207,62 +221,110 @@ class Engine:
     def route(self, proposals: dict[int, "Proposal"], view: "SmallView | None") -> list[Sequence]:
         """Ask each distinct router about the sequences that need its decision, in one batched call;
         mark routed proposals. Step-mode sequences are asked only at a step's start, and the answer
-        owns the step."""
+        owns the step. A sequence the router raises on fails (its proposal carries the error)."""
         groups: dict[int, list[int]] = {}  # id(router) -> rows of the view
         seqs = view.seqs if view is not None else []
         for i, seq in enumerate(seqs):
-            if seq.uses_large and (seq.mode == "token" or seq.step_owner is None):
+            if (seq.uses_large and (seq.mode == "token" or seq.step_owner is None)
+                    and proposals[seq.seq_id].error is None):
                 groups.setdefault(id(seq.router), []).append(i)
+        t0 = time.perf_counter()
         for rows in groups.values():
-            inputs = view.inputs if len(rows) == len(seqs) else view.inputs.select(rows)  # usually one router
-            for i, routed in zip(rows, seqs[rows[0]].router.decide(inputs).tolist()):
+            for i, routed in self._decide(seqs[rows[0]].router, view.inputs, rows).items():
                 seq = seqs[i]
+                if routed is None:
+                    proposals[seq.seq_id].error = internal_error("routing", seq.seq_id)
+                    continue
                 proposals[seq.seq_id].routed = routed
                 if seq.mode == "step":
                     seq.step_owner = LARGE if routed else SMALL
-        return [p.seq for p in proposals.values() if p.routed]
+        self.runner.times.route += time.perf_counter() - t0
+        return [p.seq for p in proposals.values() if p.routed and p.error is None]
+
+    @staticmethod
+    def _decide(router: Router, inputs: RouterInputs, rows: list[int]) -> dict[int, bool | None]:
+        """Row of `inputs` -> the router's decision, from one batched call (usually one router: every row).
+        If that call raises, each row is asked alone: the rows it still raises on get None (their requests
+        fail), the others the decision they get alone."""
+        try:
+            batch = inputs if len(rows) == len(inputs.states) else inputs.select(rows)
+            return dict(zip(rows, router.decide(batch).tolist()))
+        except Exception:
+            log.exception("router %s raised on a batch of %d sequences; asking each alone", type(router).__name__,
+                          len(rows))
+        decisions: dict[int, bool | None] = {}
+        for i in rows:
+            try:
+                decisions[i] = router.decide(inputs.select([i])).tolist()[0]
+            except Exception:
+                log.exception("router %s raised on one sequence: that request fails", type(router).__name__)
+                decisions[i] = None
+        return decisions
 
     def run_large(self, routed: list[Sequence], proposals: dict[int, "Proposal"]) -> list[RequestOutput]:
         """The large model catches up on each routed sequence's backlog and writes its next token. Returns
         the outputs of requests it failed: those a BackendError names end with an error; the rest of the
         batch commit nothing this step, and next step (their small backlog empty) go to the large model
-        again without a new routing decision."""
-        if not routed:
+        again without a new routing decision.
+        The same forward prefills the prompts the large model scores (prompt_logprobs) of sequences whose
+        token the small model writes: their rows are not sampled."""
+        scoring = [p.seq for p in proposals.values() if not p.routed and p.sample is not None
+                   and p.seq.needs_prompt_logprobs and p.seq.prompt_scorer == LARGE]
+        if not routed and not scoring:
             return []
-        for seq in self.scheduler.reserve(LARGE, routed, [s.num_tokens for s in routed]):
+        for seq in self.scheduler.reserve(LARGE, routed + scoring, [s.num_tokens for s in routed + scoring]):
             proposals.pop(seq.seq_id, None)  # preempted: it will recompute from scratch
         routed = [s for s in routed if s.seq_id in proposals]
-        if not routed:
+        seqs = routed + [s for s in scoring if s.seq_id in proposals]  # routed first: rows 0..len(routed)-1
+        if not seqs:
             return []
-        backlogs = [s.num_tokens - s.num_cached[LARGE] for s in routed]
+        backlogs = [s.num_tokens - s.num_cached[LARGE] for s in seqs]
         catching_up = [s.num_cached[LARGE] > 0 or s.num_output_tokens > 0 for s in routed]
         try:
-            out = self.runner.forward(LARGE, routed, backlogs)
+            out = self.runner.forward(LARGE, seqs, backlogs)
         except BackendError as e:  # e.g. the remote endpoint is down: end the requests it names
-            for seq in routed:
+            for seq in seqs:
                 proposals.pop(seq.seq_id, None)  # the others write this token next step
-            return [self.output.fail(s, e.errors[s.seq_id]) for s in routed if s.seq_id in e.errors]
+            return [self.output.fail(s, e.errors[s.seq_id]) for s in seqs if s.seq_id in e.errors]
         for seq, backlog, catchup in zip(routed, backlogs, catching_up):
             seq.stats.num_catchup_tokens += backlog - 1 if catchup else 0
             seq.stats.num_large_calls += 1
-        sample = self.runner.sample(out.logits, routed)
+        if not routed:
+            return []
+        sample = self.runner.sample(out.logits[:len(routed)], routed)
+        nonfinite = set(sample.nonfinite_rows)
         for j, seq in enumerate(routed):
-            proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j, routed=True, source=LARGE)
+            proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j, routed=True, source=LARGE,
+                                             error=nonfinite_error(LARGE) if j in nonfinite else None)
         return []
 
     def postprocess(self, proposals: dict[int, "Proposal"]) -> list[RequestOutput]:
-        """Commit each sequence's token and decide whether its request ends."""
-        outputs = []
-        for p in proposals.values():
-            if p.sample is None or p.seq.finished:
-                continue
+        """Commit each sequence's token and decide whether its request ends; end those that failed."""
+        return [self._commit(p) for p in proposals.values()
+                if not p.seq.finished and (p.sample is not None or p.error is not None)]
+
+    def _commit(self, p: "Proposal") -> RequestOutput:
+        if p.error is not None:
+            return self.output.fail(p.seq, p.error)
+        try:
             self.output.append(p.seq, p.sample.token_id_list[p.row], p.source, p.sample, p.row)
-            outputs.append(self.output.postprocess(p.seq, 1))
-        return outputs
+            return self.output.postprocess(p.seq, 1)
+        except Exception:  # e.g. detokenizing, a stop rule, a router's observe: this request only
+            log.exception("committing a token of sequence %d failed: that request fails", p.seq.seq_id)
+            return self.output.fail(p.seq, internal_error("finishing", p.seq.seq_id))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if reason == "error":
+            self._clear_blocks(seq)
         self.scheduler.finish(seq, reason)
         self.seqs.pop(seq.seq_id, None)
+
+    def _clear_blocks(self, seq: Sequence) -> None:
+        """Zero a failed sequence's K/V before its blocks go back to the pool: they may hold NaN, and attention
+        multiplies the masked slots of the next owner's last block by 0 (0 * NaN = NaN)."""
+        for name, backend in self.backends.items():
+            if self.kv[name].has(seq.seq_id) and hasattr(backend, "clear_blocks"):
+                backend.clear_blocks(self.kv[name].block_table(seq.seq_id))
 
     def _release(self, seq_id: int) -> None:
         """The scheduler freed this sequence's blocks: drop what backends hold for it (the transformers
@@ -314,6 +376,7 @@ class Proposal:
     row: int = 0  # row of that SampleOutput
     routed: bool = False  # the large model writes this token
     source: str = SMALL
+    error: str | None = None  # why this request fails this step (postprocess ends it instead of committing)
 
 
 @dataclass

@@ -3,7 +3,7 @@
     OutputProcessor.append(seq, token, source, sample, row)   token, provenance, logprobs
     OutputProcessor.stop_reason(seq)                           EOS / stop token / max_tokens / context
     OutputProcessor.postprocess(seq, num_new) -> RequestOutput detokenize, stop strings, step ends, finish
-    OutputProcessor.fail(seq, message) -> RequestOutput        a model could not run it: end it with an error
+    OutputProcessor.fail(seq, message) -> RequestOutput        it cannot go on: end it with an error
 
 Token-level steps and speculative verification both commit through these.
 """
@@ -96,6 +96,16 @@ def record_prompt_logprobs(seq: Sequence, start: int, logits: torch.Tensor) -> N
         seq.prompt_logprobs.append((lp, rank, list(zip(ids, lps))))
 
 
+def nonfinite_error(model: str) -> str:
+    """Why a request fails whose next-token logits hold NaN or inf (a numerical fault of the model on it)."""
+    return f"the {model} model's logits for this request are not finite (NaN or inf): it cannot go on"
+
+
+def internal_error(doing: str, seq_id: int) -> str:
+    """Why a request fails that raised while the engine was {doing} it (the traceback goes to the log only)."""
+    return f"internal error while {doing} this request (sequence {seq_id}); the server logged the details"
+
+
 def make_output(seq: Sequence, num_new: int, new_text: str) -> RequestOutput:
     return RequestOutput(
         seq_id=seq.seq_id,
@@ -151,7 +161,8 @@ class OutputProcessor:
         return make_output(seq, num_new, new_text)
 
     def fail(self, seq: Sequence, message: str) -> RequestOutput:
-        """End a request that a model could not run (BackendError): finish reason "error", blocks freed."""
+        """End a request that cannot go on (a BackendError, non-finite logits, an error of its own while
+        routing or committing): finish reason "error", seq.error says why, blocks freed."""
         seq.error = message
         self.finish(seq, "error")
         return make_output(seq, 0, "")

@@ -25,6 +25,7 @@ class StepTimes:
 
     small_forward: float = 0.0
     large_forward: float = 0.0
+    route: float = 0.0  # the routers' decide calls
     total: float = 0.0
 
 
@@ -39,13 +40,14 @@ class ModelRunner:
     def forward(self, model: str, seqs: list[Sequence], num_new: list[int], all_positions: bool = False
                 ) -> ModelOutput:
         """Run `model` on each seq's next num_new tokens from its num_cached; advance num_cached. Sequences
-        that asked for prompt logprobs get them from the first model whose chunks cover their prompt."""
+        that asked for prompt logprobs get them from their prompt_scorer's chunks over the prompt (each
+        prompt position scored once, whatever the chunking or a recompute after preemption)."""
         chunks = []
-        for seq, n in zip(seqs, num_new):
+        scoring = [s.needs_prompt_logprobs and model == s.prompt_scorer for s in seqs]
+        for seq, n, scores in zip(seqs, num_new, scoring):
             start = seq.num_cached[model]
             chunks.append(SeqChunk(seq.seq_id, seq.token_ids[start:start + n], start,
-                                   self.kv[model].block_table(seq.seq_id),
-                                   all_positions or seq.needs_prompt_logprobs))
+                                   self.kv[model].block_table(seq.seq_id), all_positions or scores))
         t0 = time.perf_counter()
         out = self.backends[model].forward(ModelInput(chunks))
         elapsed = time.perf_counter() - t0
@@ -53,8 +55,8 @@ class ModelRunner:
             self.times.small_forward += elapsed
         else:
             self.times.large_forward += elapsed
-        for seq, chunk, n in zip(seqs, chunks, num_new):
-            if seq.needs_prompt_logprobs:
+        for seq, chunk, n, scores in zip(seqs, chunks, num_new, scoring):
+            if scores:
                 record_prompt_logprobs(seq, chunk.num_cached, out.all_logits[seq.seq_id][:, :self.vocab_size])
             seq.num_cached[model] += n
         return out

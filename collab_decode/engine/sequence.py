@@ -60,6 +60,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)  # chosen-token logprob per output token, if asked
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     # if asked: per prompt token, None for the first, then (its logprob, its rank, [(id, logprob)] top-n)
+    # under the prompt_scorer model
     prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]] | None] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
@@ -116,6 +117,12 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def prompt_scorer(self) -> str:
+        """The model whose prompt logprobs a request gets: the large one whenever the request may use it
+        (its prompt is then prefilled by the large model eagerly), the small one under `small` routing."""
+        return LARGE if self.uses_large else SMALL
 
     @property
     def needs_prompt_logprobs(self) -> bool:

@@ -7,18 +7,23 @@ the first rejected position is resampled from normalize(max(0, p_i - q_i)); if e
 a bonus token is drawn from p_{k+1}. The output is distributed as the large model's own sampling,
 and with greedy sampling (one-hot p and q) it equals the large model's greedy output exactly.
 Rollback is bookkeeping: both models' `num_cached` drop to the kept prefix and surplus blocks are freed.
+A sequence whose draft or verify logits are not finite, or whose verification raises, fails alone.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from collab_decode.backends.base import BackendError
-from collab_decode.engine.output import OutputProcessor, RequestOutput
+from collab_decode.engine.output import OutputProcessor, RequestOutput, internal_error, nonfinite_error
 from collab_decode.engine.runner import ModelRunner
 from collab_decode.engine.scheduler import Scheduler
 from collab_decode.engine.sequence import LARGE, SMALL, Sequence, Status
-from collab_decode.sampling import logprobs_of, processed_probs
+from collab_decode.sampling import logprobs_of, nonfinite_rows, processed_probs
+
+log = logging.getLogger(__name__)
 
 
 def _draft_lengths(seqs: list[Sequence], max_len: int) -> list[int]:
@@ -90,14 +95,37 @@ def speculative_step(seqs: list[Sequence], runner: ModelRunner, scheduler: Sched
         return _abandon_drafts(scheduler, output, seqs, base, e)
     outputs = []
     for seq, n0, chunk_len in zip(seqs, base, num_new):
-        drafts = seq.token_ids[n0:]
-        logits = out.all_logits[seq.seq_id][chunk_len - len(drafts) - 1:, :runner.vocab_size]  # (k+1, V)
-        p = processed_probs(logits, [seq.sampling] * logits.shape[0])
-        committed = _accept(seq, drafts, draft_probs[seq.seq_id], p)
-        del seq.token_ids[n0:]
-        seq.stats.num_large_calls += 1
-        outputs.append(_commit(scheduler, output, seq, committed, len(committed) - 1, logits))
+        logits = out.all_logits[seq.seq_id][chunk_len - (seq.num_tokens - n0) - 1:, :runner.vocab_size]  # (k+1, V)
+        try:
+            outputs.append(_verify(scheduler, output, seq, n0, draft_probs[seq.seq_id], logits))
+        except Exception:  # this request only: the others verify as if it had not been there
+            log.exception("verifying the drafts of sequence %d failed: that request fails", seq.seq_id)
+            del seq.token_ids[n0:]  # its drafts, or tokens committed before the error (never delivered)
+            outputs.append(output.fail(seq, internal_error("verifying", seq.seq_id)))
     return outputs
+
+
+def _verify(scheduler: Scheduler, output: OutputProcessor, seq: Sequence, n0: int, q: list[torch.Tensor],
+            logits: torch.Tensor) -> RequestOutput:
+    """Keep or reject seq's drafts (tokens n0:) under the large model's (k+1, V) logits, and commit."""
+    drafts = seq.token_ids[n0:]
+    broken = _nonfinite_model(logits, q)
+    if broken is not None:
+        del seq.token_ids[n0:]
+        return output.fail(seq, nonfinite_error(broken))
+    p = processed_probs(logits, [seq.sampling] * logits.shape[0])
+    committed = _accept(seq, drafts, q, p)
+    del seq.token_ids[n0:]
+    seq.stats.num_large_calls += 1
+    return _commit(scheduler, output, seq, committed, len(committed) - 1, logits)
+
+
+def _nonfinite_model(logits: torch.Tensor, q: list[torch.Tensor]) -> str | None:
+    """The model whose numbers for this sequence are not finite (the large model's verify logits, else the small
+    model's draft distributions), or None; one host sync."""
+    flags = [nonfinite_rows(logits).any()] + ([~torch.stack(q).isfinite().all()] if q else [])
+    large, *small = torch.stack(flags).tolist()
+    return LARGE if large else SMALL if any(small) else None
 
 
 def _abandon_drafts(scheduler: Scheduler, output: OutputProcessor, seqs: list[Sequence], base: list[int],

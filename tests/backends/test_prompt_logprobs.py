@@ -1,7 +1,8 @@
-"""Prompt logprobs (what a collab-decode server answers to `prompt_logprobs`, so that it can be another one's
-remote large model): per prompt token its logprob given the tokens before it, its rank and the top n there,
-from the model that prefills the prompt; the same whether the prompt is prefilled in one chunk or several,
-and equal to a full forward of the model in transformers."""
+"""Prompt logprobs (what a collab-decode server answers to `prompt_logprobs` and to `echo` with `logprobs`, so
+that it can be another one's remote large model and lm-evaluation-harness can score with it): per prompt token
+its logprob given the tokens before it, its rank and the top n there, from the large model unless the request
+is routed `small`; the same whether the prompt is prefilled in one chunk or several, equal to a full forward of
+that model in transformers, and asking for them never changes the output."""
 
 from __future__ import annotations
 
@@ -51,11 +52,42 @@ def assert_close(got, want):
 
 
 @pytest.mark.parametrize("max_num_batched_tokens", [2048, 5])  # one chunk, or chunks of 5
-def test_prompt_logprobs_of_the_model_that_prefills(pair, max_num_batched_tokens):
+def test_prompt_logprobs_of_the_large_model_unless_routed_small(pair, max_num_batched_tokens):
     engine = make_engine(*pair, scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens))
-    assert_close(scored(engine, "small"), reference(pair[0]))
-    assert_close(scored(engine, "entropy:0.5"), reference(pair[0]))  # the small model prefills first
-    assert_close(scored(engine, "large"), reference(pair[1]))  # only the large model runs
+    small, large = reference(pair[0]), reference(pair[1])
+    assert_close(scored(engine, "small"), small)
+    assert_close(scored(engine, "large"), large)  # only the large model runs
+    # the small model prefills (and writes) first; the large model prefills the prompt eagerly to score it
+    for policy in ("entropy:100", "entropy:0.5", "step-entropy:100", "speculative:3"):
+        assert_close(scored(engine, policy), large)
+    assert all(kv.pool.num_free == kv.pool.num_blocks for kv in engine.kv.values())
+
+
+@pytest.mark.parametrize("policy", ["entropy:100", "entropy:0.5", "speculative:2"])
+def test_asking_for_prompt_logprobs_changes_no_output(pair, policy):
+    engine = make_engine(*pair)
+    plain, asked = (engine.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0.0, prompt_logprobs=n),
+                                    policy)[0] for n in (None, 2))
+    assert asked.token_ids == plain.token_ids and asked.provenance == plain.provenance
+    assert asked.stats["large_tokens"] == plain.stats["large_tokens"]
+
+
+def test_each_prompt_position_scored_once_across_preemption(pair):
+    """Pools of 6 blocks of 8 tokens admit two 17-token prompts (3 blocks each); when the older one grows into
+    a fourth block the younger one is preempted and recomputed: its prompt is scored once, and right."""
+    probe = make_engine(*pair)
+    kv_bytes = {f"{name}_kv_bytes": 6 * 8 * b.kv_bytes_per_token() for name, b in probe.backends.items()}
+    engine = make_engine(*pair, block_size=8, **kv_bytes)
+    ids = [engine.add_request(PROMPT, SamplingParams(max_tokens=12, temperature=0.0, prompt_logprobs=1), "entropy:0.5")
+           for _ in range(2)]
+    seqs = [engine.seqs[i] for i in ids]
+    while engine.has_unfinished():
+        engine.step()
+    assert seqs[1].stats.num_preemptions >= 1
+    large = reference(pair[1], n=1)
+    for seq in seqs:
+        assert_close(seq.prompt_logprobs, large)
+    assert all(kv.pool.num_free == kv.pool.num_blocks for kv in engine.kv.values())
 
 
 def test_no_prompt_logprobs_unless_asked_and_zero_means_the_token_only(pair):

@@ -144,6 +144,18 @@ def test_decodes_padded_to_the_longest_table(arch, backend):
     assert_close(out.logits[2], hf_chunked(arch, single, [1])[0][0][0])
 
 
+def test_decode_padding_never_reads_another_sequences_blocks(arch, backend):
+    """NaN K/V in a block no sequence of the batch owns (a failed request's) cannot reach the batch through
+    the padding of a short table: masked keys still meet their values as 0 * value."""
+    short, long = random_ids(3, seed=7), random_ids(14, seed=8)
+    step(backend, SeqChunk(0, short[:2], 0, [5]), SeqChunk(1, long[:13], 0, [3, 1, 2, 4]))
+    for cache in backend.cache.k + backend.cache.v:
+        cache[0] = float("nan")
+    out = step(backend, SeqChunk(0, short[2:], 2, [5]), SeqChunk(1, long[13:], 13, [3, 1, 2, 4]))
+    assert_close(out.logits[0], hf_chunked(arch, short, [2, 1])[0][1][0])
+    assert_close(out.logits[1], hf_chunked(arch, long, [13, 1])[0][1][0])
+
+
 @pytest.mark.parametrize("arch", ["llama-linear", "llama3"])
 def test_positions_beyond_max_position_embeddings(arch, tmp_path):
     """The static cos/sin table grows past max_position_embeddings (8 here) when a sequence does."""
