@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU build here (the declared requirement in pyproject.toml is a range)
 TORCH ?= torch==2.13.0
 
-.PHONY: setup serve generate test test-vllm bench clean mutation
+.PHONY: setup serve generate test test-vllm test-lmeval bench clean mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test: setup
 # ~/.cache/collab-decode, ~2 minutes) and against a collab-decode endpoint: ~10 minutes
 test-vllm: setup
 	$(PY) -m pytest -x -m vllm -rP tests/backends/test_remote_vllm.py
+
+# lm-evaluation-harness (local-completions, batch size 8) against `serve --pair demo`: a generation and a
+# loglikelihood task on held-out demo problems; lm-eval in its own environment in ~/.cache/collab-decode
+# (built on first use, ~1 minute); ~1 minute more
+test-lmeval: setup
+	$(PY) -m pytest -x -m lmeval -rP tests/serve/test_lm_eval.py
 
 # The speed-against-accuracy report of the demo pair, engine and server (docs/benchmarks.md; ~15 minutes on 2 cores)
 bench: setup

@@ -31,7 +31,11 @@ from collab_decode.engine.loading import build_engine
 from collab_decode.sampling import SamplingParams
 
 policies, num_batch1, num_batched = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"))
+try:  # the demo pair's shipped router, on revisions that have one (for neural:demo)
+    from collab_decode.pairs import pair_routers
+    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), routers=pair_routers("demo"))
+except ImportError:
+    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"))
 prompts = [engine.tokenizer(chat_prompt(p.question), add_special_tokens=False)["input_ids"]
            for p in problems("heldout", num_batched)]
 greedy = SamplingParams(max_tokens=400, temperature=0.0)
@@ -48,9 +52,11 @@ print(json.dumps(out))
 '''
 
 
-def measure(tree: Path, policies: list[str], num_batch1: int, num_batched: int) -> dict[str, float]:
+def measure(tree: Path, policies: list[str], num_batch1: int, num_batched: int, prelude: str = "") -> dict[str, float]:
+    """One fresh process on `tree`'s code: tokens/s per '<policy> batch <n>'. `prelude` runs first."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(policies), str(num_batch1), str(num_batched)],
+    proc = subprocess.run([sys.executable, "-c", prelude + MEASURE, json.dumps(policies), str(num_batch1),
+                           str(num_batched)],
                           cwd=tree, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -34,7 +34,7 @@ from typing import Callable
 
 from collab_decode.routing import RoutingSpec
 from collab_decode.sampling import SamplingParams
-from collab_decode.serve.engine_core import EngineCoreClient
+from collab_decode.serve.engine_core import EngineCoreClient, EngineCoreDied
 from collab_decode.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,31 @@ class EngineBusy(Exception):
 
 
 class RequestFailed(RuntimeError):
-    """The request ended without finishing: a model could not run it (e.g. the large model's endpoint is
-    down; the server serves everyone else) or the engine stopped. HTTP 503, gRPC UNAVAILABLE."""
+    """The request ended without finishing: it failed in the engine on its own (a model could not run it, e.g.
+    the large model's endpoint is down; its logits were NaN; a router raised on it: the server serves everyone
+    else) or the engine stopped. HTTP 503, gRPC UNAVAILABLE. `code`: the error body's machine-readable kind."""
+
+    code: str | None = None
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class EngineStopped(RequestFailed):
-    """The engine thread stopped (shutdown or a failed step) before the request finished."""
+    """The engine thread stopped (shutdown or a failed step) before the request finished, or the server is
+    draining and takes no new request (then `code` is SHUTTING_DOWN)."""
+
+
+SHUTTING_DOWN = "server_shutting_down"
+
+
+class RequestTimedOut(RequestFailed):
+    """The request ran past the server's request timeout; it was aborted (its blocks are free).
+    HTTP 504, gRPC DEADLINE_EXCEEDED; a stream ends with an error event."""
+
+    code = "request_timeout"
 
 
 @dataclass
@@ -102,14 +121,27 @@ class RequestStream:
     async def __anext__(self) -> Delta:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._request.outputs.get()
+        item = await self._next_output()
         if isinstance(item, Exception):
-            self._engine._close(self._request, "error")
+            self._engine._close(self._request, "error")  # a timeout closed it as "timeout" already
             raise item
         self._observe(item)
         if item.finished:
             self._engine._close(self._request, item.finish_reason or "stop")
         return item
+
+    async def _next_output(self) -> Delta | Exception:
+        """The next delta (or error), or RequestTimedOut once the request has run past the server's timeout
+        (it is aborted then: the engine frees its blocks before its next step)."""
+        timeout_s = self._engine.request_timeout_s
+        if not timeout_s:
+            return await self._request.outputs.get()
+        left = self._request.arrival + timeout_s - time.perf_counter()
+        try:
+            return await asyncio.wait_for(self._request.outputs.get(), max(left, 0.0))
+        except asyncio.TimeoutError:
+            self._engine._abort_request(self._request, outcome="timeout")
+            return RequestTimedOut(f"the request ran longer than this server's limit ({timeout_s:g} s)")
 
     def _observe(self, delta: Delta) -> None:
         metrics = self._engine.metrics
@@ -139,14 +171,18 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine, max_queue: int = 256, metrics: ServerMetrics | None = None):
+    def __init__(self, engine, max_queue: int = 256, metrics: ServerMetrics | None = None,
+                 request_timeout_s: float = 0.0):
         """`engine`: an Engine, or a function that builds one; the engine thread calls it (see above).
-        Either way `self.engine` is the Engine once `wait_ready()` returned."""
+        Either way `self.engine` is the Engine once `wait_ready()` returned. A request still unfinished
+        `request_timeout_s` after it arrived is aborted and its stream raises RequestTimedOut (0: never)."""
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self._build: Callable = engine if callable(engine) else (lambda: engine)
         self.engine = None if callable(engine) else engine
         self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self.draining = False  # set when the server drains: new requests are refused (EngineStopped)
         self.metrics = metrics or ServerMetrics()
         self.num_in_flight = 0  # loop side only
         self._commands: list[tuple[str, _Request]] = []
@@ -186,6 +222,8 @@ class AsyncEngine:
         """
         if self._thread is None or self._stopping:
             raise EngineStopped("the engine is not running")
+        if self.draining:
+            raise EngineStopped("the server is shutting down; retry on another replica", code=SHUTTING_DOWN)
         if self.num_in_flight >= self.max_queue:
             self.metrics.requests.labels("busy").inc()
             raise EngineBusy(f"the server is at capacity ({self.num_in_flight} requests in flight, "
@@ -218,10 +256,10 @@ class AsyncEngine:
             self._commands.append(command)
             self._cond.notify()
 
-    def _abort_request(self, request: _Request) -> None:
+    def _abort_request(self, request: _Request, outcome: str = "abort") -> None:
         if not request.closed:
             self._submit(("abort", request))
-            self._close(request, "abort")
+            self._close(request, outcome)
 
     def _close(self, request: _Request, outcome: str | None) -> None:
         """Free the request's admission slot (once) and count its outcome."""
@@ -267,7 +305,7 @@ class AsyncEngine:
             if self.engine.has_unfinished():
                 self._step()
             self.metrics.set_engine_state(self.engine)
-        self._fail_all(EngineStopped("the server is shutting down"))
+        self._fail_all(EngineStopped("the server is shutting down", code=SHUTTING_DOWN))
         if isinstance(self.engine, EngineCoreClient):
             self.engine.close()
 
@@ -302,9 +340,16 @@ class AsyncEngine:
         t0 = time.perf_counter()
         try:
             outputs = self.engine.step()
-        except Exception as e:
+        except EngineCoreDied as e:  # nothing can run any more: fail everyone, stop (/health says so)
+            log.error("the engine process died; failing every request and stopping: %s", e)
+            with self._cond:
+                self._stopping = True
+            self._fail_all(EngineStopped(f"the engine stopped: {e}"))
+            return
+        except Exception:  # a fault of the step itself (one request's faults end only that request)
             log.exception("engine step failed; failing the requests in flight")
-            self._fail_all(EngineStopped(f"engine step failed: {e!r}"), include_queued=False)
+            self._fail_all(EngineStopped("the engine failed while running this request; the server logged the "
+                                         "details"), include_queued=False)
             return
         remote = isinstance(self.engine, EngineCoreClient)  # then: the engine process's own steps
         for seconds in self.engine.step_seconds if remote else [time.perf_counter() - t0]:
@@ -314,7 +359,7 @@ class AsyncEngine:
             request = self._active.get(out.seq_id)
             if request is None:
                 continue  # aborted meanwhile
-            if out.finish_reason == "error":  # a model could not run it: fail it, keep serving the rest
+            if out.finish_reason == "error":  # it failed on its own: fail it, keep serving the rest
                 deliveries.append((request, RequestFailed(out.seq.error)))
             else:
                 deliveries.append((request, self._delta(request, out)))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import os
 import sys
 from pathlib import Path
 
+from collab_decode.serve.limits import Limits
 from collab_decode.serve.server import ServeConfig
 
 API_KEY_ENV = "COLLAB_DECODE_API_KEY"
@@ -48,7 +50,7 @@ def add_serve_parser(sub) -> None:
                    help=f"require 'Authorization: Bearer KEY' on /v1 and gRPC calls (default: ${API_KEY_ENV} if set, "
                         "else no key)")
     s.add_argument("--max-queue", type=int, default=ServeConfig.max_queue,
-                   help="most requests in flight before HTTP 429 / RESOURCE_EXHAUSTED "
+                   help="most requests (sequences) in flight, queued or running, before HTTP 429 / RESOURCE_EXHAUSTED "
                         f"(default: {ServeConfig.max_queue})")
     s.add_argument("--served-model-name", default=None,
                    help="the model name requests use (default: the pair's name, or the model directories' names)")
@@ -57,7 +59,32 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--threads", type=int, default=default_threads(),
                    help="torch threads of the engine (default: the cores this process may use, less one for the "
                         f"event loop and the network: {default_threads()} here)")
+    for f in _documented_fields(ServeConfig):
+        s.add_argument(_flag(f), dest=f.name, type=f.metadata["type"], default=f.default, metavar=_metavar(f),
+                       help=f"{f.metadata['help']} (default: {f.default!r})")
+    limits = serve.add_argument_group("limits (per request; README: Limits)")
+    for f in _documented_fields(Limits):
+        default = "" if f.default is None else f" (default: {f.default!r})"
+        limits.add_argument(_flag(f), dest=f.name, type=f.metadata["type"], default=f.default, metavar=_metavar(f),
+                            help=f"{f.metadata['help']}{default}")
     serve.set_defaults(func=cmd_serve)
+
+
+def _documented_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def _flag(f: dataclasses.Field) -> str:
+    """A config field's flag: request_timeout_s -> --request-timeout (seconds say so in their help)."""
+    return "--" + f.name.removesuffix("_s").replace("_", "-")
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    return "SECONDS" if f.name.endswith("_s") else "N"
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    return Limits(**{f.name: getattr(args, f.name) for f in _documented_fields(Limits)})
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -89,7 +116,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     resolve_defaults(args)
     config = ServeConfig(host=args.host, port=args.port, grpc_port=args.grpc_port,
                          api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-                         max_queue=args.max_queue, log_level=args.log_level)
+                         max_queue=args.max_queue, log_level=args.log_level, drain_timeout_s=args.drain_timeout_s,
+                         limits=limits_from_args(args))
     parse_routing(args.default_policy)  # a malformed default fails before any model loads
     if args.threads < 1:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)

@@ -6,29 +6,39 @@
 Each generation request: parse (strict types) -> prompt ids + SamplingParams + routing spec ->
 AsyncEngine.add_request (400 if the engine refuses it, 429 past the queue bound) -> stream or collect.
 A client that goes away mid-request aborts its sequence, which frees its KV blocks before the next step.
-Every error body is OpenAI's: {"error": {"message", "type", "param", "code"}}.
+Every error body is OpenAI's: {"error": {"message", "type", "param", "code"}}; an unexpected error is logged with
+the request's id, and its body says only that (every response carries the id in `x-request-id`).
+In front of the app, RequestGuard (serve/http_guard.py) caps and checks the body and answers 503 while the
+server drains; serve/limits.py checks prompts, max_tokens, stop strings and messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
+import logging
 import time
 import uuid
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from collab_decode.sampling import SamplingParams
 from collab_decode.serve import protocol
-from collab_decode.serve.async_engine import AsyncEngine, Delta, EngineBusy, EngineStopped, RequestFailed, RequestStream
+from collab_decode.serve.async_engine import (AsyncEngine, Delta, EngineBusy, EngineStopped, RequestFailed,
+                                              RequestStream, RequestTimedOut)
+from collab_decode.serve.choices import collect_all, merge, opened, start_all, without_output
+from collab_decode.serve.http_guard import REQUEST_ID_HEADER, RequestGuard, error_body
+from collab_decode.serve.limits import Limits, PromptTokenizer
 from collab_decode.serve.metrics import CONTENT_TYPE_LATEST
 from collab_decode.serve.protocol import ChatCompletionRequest, CompletionRequest
-from collab_decode.serve.requests import ServedModel, chat_prompt_ids, routing_spec, text_prompt_ids
+from collab_decode.serve.requests import ServedModel, bearer_key_matches, routing_spec
 
+log = logging.getLogger(__name__)
 _DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
@@ -40,17 +50,19 @@ class ApiError(Exception):
             status, message, type, param, code, headers
 
 
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def create_app(engine: AsyncEngine, model: ServedModel, tokenizer, api_key: str | None = None) -> FastAPI:
+def create_app(engine: AsyncEngine, model: ServedModel, tokenizer, api_key: str | None = None,
+               limits: Limits | None = None, prompts: PromptTokenizer | None = None) -> FastAPI:
     """The REST app. `tokenizer` is used on the event loop: give it its own copy (the engine thread
-    decodes with the engine's)."""
-    app = FastAPI(title="collab-decode", description="OpenAI-compatible API over a small-large model pair")
+    decodes with the engine's); `prompts` tokenizes large prompts off the loop (default: one over it)."""
+    limits = limits or Limits()
+    app = FastAPI(title="collab-decode", description="OpenAI-compatible API over a small-large model pair",
+                  docs_url=None, redoc_url=None, openapi_url=None)  # added below, behind the key when there is one
+    app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, idle_timeout_s=limits.idle_timeout_s,
+                       draining=lambda: engine is not None and engine.draining)
     _add_error_handlers(app, engine)
-    routes = _Routes(engine, model, tokenizer, api_key)
+    routes = _Routes(engine, model, tokenizer, api_key, limits, prompts or PromptTokenizer(tokenizer))
     key = [Depends(routes.check_key)]
+    _add_docs(app, key)
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"], dependencies=key)
     app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"], dependencies=key)
     app.add_api_route("/v1/models", routes.models, methods=["GET"], dependencies=key)
@@ -60,19 +72,36 @@ def create_app(engine: AsyncEngine, model: ServedModel, tokenizer, api_key: str 
     return app
 
 
+def _add_docs(app: FastAPI, key: list) -> None:
+    """/openapi.json, /docs and /redoc, behind the API key when there is one."""
+    async def openapi():
+        return JSONResponse(app.openapi())
+
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="collab-decode")
+
+    async def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title="collab-decode")
+
+    for path, endpoint in (("/openapi.json", openapi), ("/docs", docs), ("/redoc", redoc)):
+        app.add_api_route(path, endpoint, methods=["GET"], dependencies=key, include_in_schema=False)
+
+
 class _Routes:
-    def __init__(self, engine: AsyncEngine, model: ServedModel, tokenizer, api_key: str | None):
+    def __init__(self, engine: AsyncEngine, model: ServedModel, tokenizer, api_key: str | None, limits: Limits,
+                 prompts: PromptTokenizer):
         self.engine = engine
         self.model = model
         self.tokenizer = tokenizer
         self.api_key = api_key
+        self.limits = limits
+        self.prompts = prompts
         self.created = int(time.time())
 
     def check_key(self, request: Request) -> None:
         if self.api_key is None:
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+        if not bearer_key_matches(request.headers.get("authorization", ""), self.api_key):
             self.engine.metrics.requests.labels("unauthorized").inc()
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
@@ -80,43 +109,45 @@ class _Routes:
         with _client_errors():
             req.check_supported()
             self.model.check_name(req.model)
-            prompt = req.single_prompt()
-            prompt_ids = text_prompt_ids(self.tokenizer, prompt) if isinstance(prompt, str) else prompt
-            max_tokens = protocol.COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-            sampling = req.sampling_params(max_tokens, req.logprobs, req.prompt_logprobs)
+            self._check_lists(req)
+            prompts = [(await self._prompt_ids(p), p if isinstance(p, str) else None) for p in req.prompts()]
+            self.limits.check_max_tokens(req.max_tokens)
+            samplings = req.choice_samplings(req.engine_sampling())
             routing = routing_spec(req.routing)
-        stream = await self._start(prompt_ids, sampling, routing)
+        streams = await self._start_all([(ids, s) for ids, _ in prompts for s in samplings], routing)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model.name}
-
-        def choice(deltas: list[Delta], text_offset: int = 0) -> dict:
-            out = {"index": 0, "text": "".join(d.text for d in deltas), "logprobs": None,
-                   "finish_reason": deltas[-1].finish_reason if deltas[-1].finished else None}
-            if req.logprobs is not None:
-                out["logprobs"] = protocol.completion_logprobs(self.tokenizer, deltas, text_offset,
-                                                               req.return_tokens_as_token_ids)
-            if deltas[0].prompt_logprobs is not None:  # the first delta of a request that asked
-                out["prompt_logprobs"] = protocol.prompt_logprobs(self.tokenizer, prompt_ids, deltas[0].prompt_logprobs)
-            if req.return_provenance:
-                out.update(protocol.provenance_fields(deltas))
-            return out
-
+        render = _CompletionChoices(self.tokenizer, req, prompts, len(samplings))
+        trim = without_output if req.echo_only else None
         if req.stream:
-            return _sse(_completion_events(stream, head, choice, req.include_usage))
-        deltas = await _collect(stream, request)
-        return {**head, "choices": [choice(deltas)], "usage": protocol.usage(deltas)}
+            return _sse(_events(streams, head, lambda i, d: render.choice(i, [d]), req.include_usage,
+                                len(samplings), trim=trim))
+        choices = await _collect(streams, request)
+        if trim is not None:
+            choices = [[trim(d) for d in deltas] for deltas in choices]
+        # echo and prompt logprobs decode every prompt token (and its alternatives): off the loop when many
+        num_scored = sum(len(ids) for ids, _ in prompts) if req.echo or req.prompt_logprobs is not None else 0
+        rendered = await self.prompts.decode(lambda tokenizer: [_CompletionChoices(
+            tokenizer, req, prompts, len(samplings)).choice(i, deltas) for i, deltas in enumerate(choices)], num_scored)
+        return {**head, "choices": rendered, "usage": protocol.usage(choices, len(samplings))}
 
     async def chat_completions(self, req: ChatCompletionRequest, request: Request):
         with _client_errors():
             req.check_supported()
             self.model.check_name(req.model)
-            prompt_ids = chat_prompt_ids(self.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
+            self._check_lists(req)
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            self.limits.check_messages(messages)
+            prompt_ids = await self.prompts.chat_ids(messages)
+            self.limits.check_prompt_ids(prompt_ids, "messages")
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-            if max_tokens is None:  # OpenAI's default: whatever context is left
-                max_tokens = self.engine.engine.max_tokens_left(len(prompt_ids))
-            sampling = req.sampling_params(max_tokens, req.engine_logprobs())
+            self.limits.check_max_tokens(max_tokens, "max_completion_tokens" if req.max_completion_tokens else
+                                         "max_tokens")
+            if max_tokens is None:  # OpenAI's default: whatever context is left, within the server's cap
+                max_tokens = self.limits.cap_max_tokens(self.engine.engine.max_tokens_left(len(prompt_ids)))
+            samplings = req.choice_samplings(req.sampling_params(max_tokens, req.engine_logprobs()))
             routing = routing_spec(req.routing)
-        stream = await self._start(prompt_ids, sampling, routing)
+        streams = await self._start_all([(prompt_ids, s) for s in samplings], routing)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model.name}
 
         def extras(deltas: list[Delta]) -> dict:
@@ -126,20 +157,37 @@ class _Routes:
             return out
 
         if req.stream:
-            return _sse(_chat_events(stream, head, extras, req.include_usage))
-        deltas = await _collect(stream, request)
-        message = {"role": "assistant", "content": "".join(d.text for d in deltas)}
-        choice = {"index": 0, "message": message, "finish_reason": deltas[-1].finish_reason, **extras(deltas)}
-        return {**head, "object": "chat.completion", "choices": [choice], "usage": protocol.usage(deltas)}
+            return _sse(_chat_events(streams, head, extras, req.include_usage))
+        choices = await _collect(streams, request)
+        answers = [{"index": i, "message": {"role": "assistant", "content": "".join(d.text for d in deltas)},
+                    "finish_reason": deltas[-1].finish_reason, **extras(deltas)} for i, deltas in enumerate(choices)]
+        return {**head, "object": "chat.completion", "choices": answers, "usage": protocol.usage(choices, len(choices))}
 
-    async def _start(self, prompt_ids: list[int], sampling, routing) -> RequestStream:
+    def _check_lists(self, req) -> None:
+        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        self.limits.check_stop(stop, req.stop_token_ids or [])
+
+    async def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A completion prompt's token ids (text: length-checked first, then tokenized, off the loop if large)."""
+        if isinstance(prompt, str):
+            self.limits.check_text(prompt)
+            prompt = await self.prompts.text_ids(prompt)
+        self.limits.check_prompt_ids(prompt)
+        return prompt
+
+    async def _start_all(self, jobs: list[tuple[list[int], SamplingParams]], routing) -> list[RequestStream]:
+        """Start a request's choices (prompt ids, sampling) together, so one engine step admits them all. If
+        the engine refuses one, the others are aborted and the refusal is the answer."""
+        if len(jobs) > self.engine.max_queue:
+            raise ApiError(400, f"this request asks for {len(jobs)} completions (prompts x n), more than the server "
+                                f"holds at once (max_queue={self.engine.max_queue})", param="n")
         try:
-            return await self.engine.add_request(prompt_ids, sampling, routing)
+            return await start_all(self.engine, jobs, routing)
         except EngineBusy as e:
             raise ApiError(429, str(e), type="rate_limit_error", code="server_busy",
                            headers={"Retry-After": "1"}) from None
         except EngineStopped as e:
-            raise ApiError(503, str(e), type="server_error") from None
+            raise ApiError(503, str(e), type="server_error", code=e.code) from None
         except ValueError as e:
             raise _invalid(e) from None
 
@@ -153,14 +201,17 @@ class _Routes:
         return self._card()
 
     def _card(self) -> dict:
+        """What the model is, by name: never a checkpoint's path or a remote endpoint's address."""
         engine = self.engine.engine
         return {"id": self.model.name, "object": "model", "created": self.created, "owned_by": "collab-decode",
-                "max_model_len": engine.max_model_len, "small_model": self.model.small_dir,
-                "large_model": self.model.large_dir, "default_policy": engine.config.default_policy}
+                "max_model_len": engine.max_model_len, "small_model": self.model.small_name,
+                "large_model": self.model.large_name, "default_policy": engine.config.default_policy}
 
     async def health(self):
         """503 once the engine stopped. While a model is unavailable (the large model's endpoint is down)
         the server still serves whatever does not need it: 200, status "degraded", and why."""
+        if self.engine.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         if not self.engine.is_running:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         unavailable = self.engine.engine.unavailable_models()
@@ -181,51 +232,80 @@ def _event(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def _events(stream: RequestStream, head: dict, make_choice, include_usage: bool, opening: dict | None = None):
-    """SSE chunks of one request: an optional opening choice, one chunk per delta, usage, [DONE]."""
-    deltas = []
-    async with stream:  # leaving early (the client went away: this generator is cancelled) aborts it
+async def _events(streams: list[RequestStream], head: dict, make_choice, include_usage: bool, n: int = 1,
+                  opening=None, trim=None):
+    """SSE chunks of a request's choices: optional opening chunks (`opening(index)`, one per choice), then a
+    chunk per delta naming its choice (`make_choice(index, delta)`; `trim` applied to the delta first), the
+    usage with the chunk that finishes the last choice, [DONE]."""
+    choices: list[list[Delta]] = [[] for _ in streams]
+    num_open = len(streams)
+    async with opened(streams):  # leaving early (the client went away: this generator is cancelled) aborts them
         try:
-            if opening is not None:
-                yield _event({**head, "choices": [opening]})
-            async for delta in stream:
-                deltas.append(delta)
-                chunk = {**head, "choices": [make_choice(delta)]}
-                if delta.finished:
-                    chunk["usage"] = protocol.usage(deltas)
-                yield _event(chunk)
-        except RequestFailed as e:
-            yield _event(error_body(str(e), "server_error"))
-    if include_usage and deltas:
-        yield _event({**head, "choices": [], "usage": protocol.usage(deltas)})
+            for index in range(len(streams) if opening is not None else 0):
+                yield _event({**head, "choices": [opening(index)]})
+            async with contextlib.aclosing(merge(streams)) as deltas:
+                async for index, delta in deltas:
+                    delta = trim(delta) if trim is not None else delta
+                    choices[index].append(delta)
+                    chunk = {**head, "choices": [make_choice(index, delta)]}
+                    num_open -= delta.finished
+                    if delta.finished and not num_open:
+                        chunk["usage"] = protocol.usage(choices, n)
+                    yield _event(chunk)
+        except RequestFailed as e:  # shutdown, timeout, a model that could not run it: said in the stream
+            yield _event(error_body(str(e), "server_error", code=getattr(e, "code", None)))
+    if include_usage and any(choices):
+        yield _event({**head, "choices": [], "usage": protocol.usage(choices, n)})
     yield "data: [DONE]\n\n"
 
 
-def _completion_events(stream: RequestStream, head: dict, choice, include_usage: bool):
-    text_offset = 0
+class _CompletionChoices:
+    """Builds a completion request's choices: whole (non-streaming) or chunk by chunk (streaming), keeping
+    each choice's text offset. With echo, a choice's first chunk starts with its prompt (and its logprobs
+    with the prompt's)."""
 
-    def make_choice(delta):
-        nonlocal text_offset
-        made = choice([delta], text_offset)
-        text_offset += len(delta.text)
-        return made
+    def __init__(self, tokenizer, req: CompletionRequest, prompts: list[tuple[list[int], str | None]], n: int):
+        self.tokenizer, self.req, self.prompts, self.n = tokenizer, req, prompts, n
+        self.offsets: dict[int, int] = {}  # choice index -> characters of text sent so far, echo included
 
-    return _events(stream, head, make_choice, include_usage)
+    def choice(self, index: int, deltas: list[Delta]) -> dict:
+        req, tokenizer = self.req, self.tokenizer
+        prompt_ids, prompt_text = self.prompts[index // self.n]
+        echo = req.echo and index not in self.offsets
+        echoed = (prompt_text if prompt_text is not None else tokenizer.decode(prompt_ids)) if echo else ""
+        offset = self.offsets.get(index, 0) + len(echoed)
+        out = {"index": index, "text": echoed + "".join(d.text for d in deltas), "logprobs": None,
+               "finish_reason": deltas[-1].finish_reason if deltas[-1].finished else None}
+        scored = deltas[0].prompt_logprobs  # on a choice's first delta, if asked
+        if req.logprobs is not None:
+            out["logprobs"] = protocol.completion_logprobs(tokenizer, deltas, offset, req.return_tokens_as_token_ids)
+            if echo:
+                out["logprobs"] = protocol.join_logprobs(protocol.echo_logprobs(
+                    tokenizer, prompt_ids, scored, req.logprobs, req.return_tokens_as_token_ids), out["logprobs"])
+        if req.prompt_logprobs is not None and scored is not None:
+            out["prompt_logprobs"] = protocol.prompt_logprobs(tokenizer, prompt_ids, scored, req.prompt_logprobs)
+        if req.return_provenance:
+            out.update(protocol.provenance_fields(deltas))
+        self.offsets[index] = self.offsets.get(index, 0) + len(out["text"])
+        return out
 
 
-def _chat_events(stream: RequestStream, head: dict, extras, include_usage: bool):
-    def make_choice(delta):
-        return {"index": 0, "delta": {"content": delta.text} if delta.text else {},
+def _chat_events(streams: list[RequestStream], head: dict, extras, include_usage: bool):
+    def make_choice(index, delta):
+        return {"index": index, "delta": {"content": delta.text} if delta.text else {},
                 "finish_reason": delta.finish_reason if delta.finished else None, **extras([delta])}
 
-    opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-    return _events(stream, {**head, "object": "chat.completion.chunk"}, make_choice, include_usage, opening)
+    def opening(index):
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    return _events(streams, {**head, "object": "chat.completion.chunk"}, make_choice, include_usage, len(streams),
+                   opening=opening)
 
 
-async def _collect(stream: RequestStream, request: Request) -> list[Delta]:
-    """All of a non-streaming request's output; aborts it if the client disconnects meanwhile."""
-    async with stream:
-        task = asyncio.ensure_future(stream.collect())
+async def _collect(streams: list[RequestStream], request: Request) -> list[list[Delta]]:
+    """Every choice's output (a non-streaming request's); aborts them all if the client disconnects meanwhile."""
+    async with opened(streams):
+        task = asyncio.ensure_future(collect_all(streams))
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
@@ -233,8 +313,10 @@ async def _collect(stream: RequestStream, request: Request) -> list[Delta]:
                     return task.result()
                 if await request.is_disconnected():
                     raise ApiError(499, "client closed the request", code="client_closed_request")
+        except RequestTimedOut as e:
+            raise ApiError(504, str(e), type="server_error", code=e.code) from None
         except RequestFailed as e:
-            raise ApiError(503, str(e), type="server_error") from None
+            raise ApiError(503, str(e), type="server_error", code=getattr(e, "code", None)) from None
         finally:
             task.cancel()
 
@@ -266,9 +348,14 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
 
     param = field(first)
     reasons = list(dict.fromkeys(err["msg"] for err in errors if field(err) == param))
-    got = f" (got {first['input']!r})" if param and first.get("type") != "missing" else ""
+    got = f" (got {_shortened(repr(first['input']))})" if param and first.get("type") != "missing" else ""
     message = f"{param or 'body'}: {'; or '.join(reasons)}{got}"
     return message, param
+
+
+def _shortened(text: str, num_chars: int = 200) -> str:
+    """An echoed input, cut: a megabyte of wrong-typed prompt is not sent back."""
+    return text if len(text) <= num_chars else f"{text[:num_chars]}... ({len(text)} characters)"
 
 
 @contextlib.contextmanager
@@ -300,4 +387,9 @@ def _add_error_handlers(app: FastAPI, engine: AsyncEngine) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
-        return JSONResponse(error_body(f"internal error: {e!r}", "server_error"), status_code=500)
+        """Logged with the request's id; the body says only that something failed, and that id."""
+        request_id = request.scope.get("state", {}).get("request_id", "-")
+        log.error("request %s (%s %s) failed", request_id, request.method, request.url.path, exc_info=e)
+        message = f"internal server error (request id {request_id}); the server's log holds the details"
+        return JSONResponse(error_body(message, "server_error", code="internal_error"), status_code=500,
+                            headers={REQUEST_ID_HEADER: request_id})

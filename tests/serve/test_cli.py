@@ -14,6 +14,7 @@ import torch
 
 from collab_decode.cli import build_parser, main
 from collab_decode.serve.cli import API_KEY_ENV, resolve_defaults, served_model_name
+from collab_decode.serve.limits import Limits
 from collab_decode.serve.requests import ServedModel
 from collab_decode.serve.server import ServeConfig
 from tests.backends.test_remote_cli import REMOTE_FLAGS_CHECKED
@@ -77,11 +78,16 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
         "--step-delimiter", ";", "--max-num-seqs", 5, "--max-num-batched-tokens", 77, "--max-model-len", 100,
         "--host", "0.0.0.0", "--port", 1234, "--grpc-port", 4321, "--api-key", "k", "--max-queue", 7,
         "--served-model-name", "mine", "--router", f"r1={routers[0]}", "--router", str(routers[1]),
-        "--log-level", "debug", "--threads", 2)
+        "--log-level", "debug", "--threads", 2, "--drain-timeout", 7.5, "--max-body-bytes", 1000,
+        "--max-prompt-chars", 900, "--max-prompt-tokens", 80, "--max-output-tokens", 70, "--max-stop", 3,
+        "--max-stop-chars", 9, "--max-messages", 6, "--request-timeout", 30, "--header-timeout", 2.5,
+        "--idle-timeout", 3.5)
     assert torch.get_num_threads() == 2  # set by the engine's builder, before the models load
     torch.set_num_threads(1)  # what the test suite runs with
+    limits = Limits(max_body_bytes=1000, max_prompt_chars=900, max_prompt_tokens=80, max_output_tokens=70, max_stop=3,
+                    max_stop_chars=9, max_messages=6, request_timeout_s=30.0, header_timeout_s=2.5, idle_timeout_s=3.5)
     assert server.config == ServeConfig(host="0.0.0.0", port=1234, grpc_port=4321, api_key="k", max_queue=7,
-                                        log_level="debug")
+                                        log_level="debug", drain_timeout_s=7.5, limits=limits)
     assert server.model == ServedModel(name="mine", small_dir=str(small), large_dir=str(large), routers=("r1", "r2"))
     engine = server.engine
     assert set(engine.backends) == {"small", "large"}
@@ -115,7 +121,9 @@ SERVE_FLAGS_CHECKED = {
     "--model", "--pair", "--small", "--large", "--backend", "--dtype", "--device", "--compile", "--block-size",
     "--small-kv-mib", "--large-kv-mib", "--default-policy", "--step-delimiter", "--max-num-seqs",
     "--max-num-batched-tokens", "--max-model-len", "--host", "--port", "--grpc-port", "--api-key", "--max-queue",
-    "--served-model-name", "--router", "--log-level", "--threads", "--help",
+    "--served-model-name", "--router", "--log-level", "--threads", "--help", "--drain-timeout", "--max-body-bytes",
+    "--max-prompt-chars", "--max-prompt-tokens", "--max-output-tokens", "--max-stop", "--max-stop-chars",
+    "--max-messages", "--request-timeout", "--header-timeout", "--idle-timeout",
 }
 
 

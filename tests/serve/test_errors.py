@@ -33,7 +33,7 @@ BAD_COMPLETIONS = {
     "unknown routing field": ({**GOOD, "routing": {"policy": "entropy", "treshold": 0.5}}, "routing"),
     "neural router not served": ({**GOOD, "routing": "neural:/etc:0.5"}, "routing"),
     "unknown model": ({**GOOD, "model": "gpt-5"}, "model"),
-    "n > 1": ({**GOOD, "n": 2}, "n"),
+    "n zero": ({**GOOD, "n": 0}, "n"),
     "top_p out of range": ({**GOOD, "top_p": 0}, "top_p"),
     "logprobs too many": ({**GOOD, "logprobs": 50}, "logprobs"),
     "seed out of range": ({**GOOD, "seed": 2**70}, "seed"),

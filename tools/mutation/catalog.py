@@ -11,7 +11,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Mutation:
     id: str
-    area: str  # routing | catch-up | scheduler | kv | speculative | stop | abort | serve | sampling
+    area: str  # routing | catch-up | scheduler | kv | speculative | stop | abort | serve | sampling | isolation
     file: str  # relative to the repository root
     old: str  # text that occurs exactly once in `file`
     new: str  # what it becomes
@@ -32,6 +32,7 @@ SPEC_TESTS = "tests/engine/test_speculative.py"
 OUTPUT_TESTS = "tests/engine/test_output.py"
 KV_TESTS = ("tests/kvcache",)
 SAMPLING_TESTS = "tests/test_sampling.py"
+ISOLATION_TESTS = "tests/engine/test_isolation.py"
 ASYNC_ENGINE = "collab_decode/serve/async_engine.py"
 SERVE_CANCEL_TESTS = "tests/serve/test_async_engine.py"
 
@@ -57,15 +58,15 @@ MUTATIONS: list[Mutation] = [
              (REFERENCE,), "step-level routing decides at every token (steps never last)"),
     # ---- catch-up -----------------------------------------------------------------------------------
     Mutation("large-skips-catchup", "catch-up", ENGINE,
-             "        backlogs = [s.num_tokens - s.num_cached[LARGE] for s in routed]",
+             "        backlogs = [s.num_tokens - s.num_cached[LARGE] for s in seqs]",
              "        for s in routed:\n"
              "            if s.num_cached[LARGE]:\n"
              "                s.num_cached[LARGE] = s.num_tokens - 1\n"
-             "        backlogs = [s.num_tokens - s.num_cached[LARGE] for s in routed]",
+             "        backlogs = [s.num_tokens - s.num_cached[LARGE] for s in seqs]",
              (REFERENCE,), "the large model skips its catch-up once it holds any cache (writes from a stale KV)"),
     Mutation("backend-error-fails-the-batch", "catch-up", ENGINE,
-             "            return [self.output.fail(s, e.errors[s.seq_id]) for s in routed if s.seq_id in e.errors]",
-             "            return [self.output.fail(s, str(e)) for s in routed]",
+             "            return [self.output.fail(s, e.errors[s.seq_id]) for s in seqs if s.seq_id in e.errors]",
+             "            return [self.output.fail(s, str(e)) for s in seqs]",
              ("tests/backends/test_backend_errors.py",),
              "a large model's error for some sequences (its endpoint refused them) ends every routed request"),
     Mutation("small-skips-catchup", "catch-up", SCHEDULER,
@@ -181,9 +182,44 @@ MUTATIONS: list[Mutation] = [
     Mutation("dropped-stream-not-aborted", "abort", ASYNC_ENGINE,
              "        weakref.finalize(self, engine._abandon, request)\n", "",
              ("tests/serve/test_async_engine.py",), "a stream dropped without reading it to the end decodes on"),
+    # ---- server hardening (limits, connections, auth) -------------------------------------------------
+    Mutation("chunked-body-uncounted", "serve", "collab_decode/serve/http_guard.py",
+             "            if num_bytes > self.max_body_bytes:", "            if False:",
+             ("tests/serve/test_limits.py",), "a chunked body without Content-Length is read whatever its size"),
+    Mutation("tokenize-on-the-loop", "serve", "collab_decode/serve/limits.py",
+             "        if len(text) < INLINE_TOKENIZE_CHARS:", "        if True:",
+             ("tests/serve/test_connections.py",), "a megabyte prompt is tokenized on the event loop: /health stalls"),
+    Mutation("no-header-timeout", "serve", "collab_decode/serve/http_guard.py",
+             "            if self._awaiting_headers() and not self.transport.is_closing():\n"
+             "                self.transport.close()",
+             "            pass",
+             ("tests/serve/test_connections.py",), "a client that never finishes its headers holds its connection"),
+    Mutation("bare-api-key-accepted", "serve", "collab_decode/serve/requests.py",
+             'return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())',
+             "return hmac.compare_digest(authorization.removeprefix('Bearer ').strip().encode(), api_key.encode())",
+             ("tests/serve/test_auth.py",), "a key sent without the Bearer scheme is accepted"),
+    Mutation("no-drain", "serve", "collab_decode/serve/server.py",
+             "        await self.drain(self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s)\n",
+             "", ("tests/serve/test_drain.py",), "SIGTERM cuts the requests in flight at once and takes new ones"),
+    Mutation("request-timeout-ignored", "serve", ASYNC_ENGINE,
+             "        if not timeout_s:\n", "        if True:\n",
+             ("tests/serve/test_limits.py",), "a request runs past the request timeout, holding its KV blocks"),
+    Mutation("prompt-scored-by-whoever-prefills", "serve", "collab_decode/engine/sequence.py",
+             "return LARGE if self.uses_large else SMALL", "return SMALL if self.router is not None else LARGE",
+             ("tests/backends/test_prompt_logprobs.py",),
+             "echo/prompt logprobs of a routed request come from the small model that prefilled, not the large one"),
+    Mutation("echo-only-keeps-its-token", "serve", "collab_decode/serve/openai_api.py",
+             "trim = without_output if req.echo_only else None", "trim = None",
+             ("tests/serve/test_openai_batch.py",),
+             "echo with max_tokens 0 answers the token generated to score the prompt (lm-eval reads it as prompt)"),
+    Mutation("seeded-choices-share-a-seed", "serve", "collab_decode/serve/requests.py",
+             "return [dataclasses.replace(sampling, seed=sampling.seed + i) for i in range(n)]",
+             "return [sampling] * n",
+             ("tests/serve/test_openai_batch.py",), "n seeded choices all draw the same sample"),
     # ---- sampling filters ----------------------------------------------------------------------------
     Mutation("temperature-ignored", "sampling", SAMPLING,
-             "scaled = logits / temperature[:, None]", "scaled = logits",
+             "scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]",
+             "scaled = logits - logits.amax(dim=-1, keepdim=True)",
              (SAMPLING_TESTS,), "temperature has no effect"),
     Mutation("top-k-ignored", "sampling", SAMPLING,
              "keep = rank[None, :] < top_k[:, None]", "keep = rank[None, :] >= 0",
@@ -194,4 +230,24 @@ MUTATIONS: list[Mutation] = [
     Mutation("seed-ignored", "sampling", SAMPLING,
              "noise[row].exponential_(generator=generator)", "noise[row].exponential_()",
              (SAMPLING_TESTS,), "a request's seed does not make its draws reproducible"),
+    # ---- isolation: one request's failure is its own -------------------------------------------------
+    Mutation("nan-logits-sampled", "isolation", SAMPLING,
+             "        out.nonfinite = nonfinite_rows(logits)\n", "",
+             (ISOLATION_TESTS, SAMPLING_TESTS), "NaN logits give a token (the NaN's index) instead of failing"),
+    Mutation("failed-blocks-not-cleared", "isolation", ENGINE,
+             "            self._clear_blocks(seq)", "            pass",
+             (ISOLATION_TESTS,), "a failed request's NaN K/V stays in the blocks the next requests get"),
+    Mutation("decode-padded-with-block-0", "isolation", "collab_decode/backends/native.py",
+             "t + t[-1:] * (max_blocks - len(t))", "t + [0] * (max_blocks - len(t))",
+             ("tests/models/test_parity.py::test_decode_padding_never_reads_another_sequences_blocks",),
+             "short decode tables padded with another sequence's block: its NaN reaches the batch"),
+    Mutation("router-error-fails-the-step", "isolation", ENGINE,
+             '            log.exception("router %s raised on a batch of %d sequences; asking each alone", '
+             "type(router).__name__,\n                          len(rows))",
+             "            raise",
+             (ISOLATION_TESTS,), "a router that raises on one sequence fails every request of the step"),
+    Mutation("commit-error-fails-the-step", "isolation", ENGINE,
+             '            log.exception("committing a token of sequence %d failed: that request fails", p.seq.seq_id)',
+             "            raise",
+             (ISOLATION_TESTS,), "an error while committing one sequence's token fails every request of the step"),
 ]

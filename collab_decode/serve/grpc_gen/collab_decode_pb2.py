@@ -24,35 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$collab_decode/v1/collab_decode.proto\x12\x10\x63ollab_decode.v1\"\xd8\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12/\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1a.collab_decode.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x16.collab_decode.v1.ChatH\x00\x12\x32\n\x08sampling\x18\x05 \x01(\x0b\x32 .collab_decode.v1.SamplingParams\x12\x0f\n\x07routing\x18\x06 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"7\n\x04\x43hat\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.collab_decode.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x98\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x8f\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0csmall_tokens\x18\x03 \x01(\x05\x12\x14\n\x0clarge_tokens\x18\x04 \x01(\x05\x12\x13\n\x0blarge_share\x18\x05 \x01(\x01\x12\x13\n\x0blarge_calls\x18\x06 \x01(\x05\"\xe6\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\nprovenance\x18\x03 \x03(\x0e\x32\x17.collab_decode.v1.Model\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x33\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x1d.collab_decode.v1.TopLogprobs\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12&\n\x05usage\x18\x07 \x01(\x0b\x32\x17.collab_decode.v1.Usage\"\x16\n\x14GetServerInfoRequest\"\xaa\x01\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bsmall_model\x18\x02 \x01(\t\x12\x13\n\x0blarge_model\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x04 \x01(\t\x12\x10\n\x08policies\x18\x05 \x03(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x12\x11\n\tmax_queue\x18\x07 \x01(\x05\x12\x0f\n\x07version\x18\x08 \x01(\t*@\n\x05Model\x12\x15\n\x11MODEL_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMODEL_SMALL\x10\x01\x12\x0f\n\x0bMODEL_LARGE\x10\x02\x32\x93\x02\n\x0c\x43ollabDecode\x12Q\n\x08Generate\x12!.collab_decode.v1.GenerateRequest\x1a\".collab_decode.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12!.collab_decode.v1.GenerateRequest\x1a\".collab_decode.v1.GenerateResponse0\x01\x12U\n\rGetServerInfo\x12&.collab_decode.v1.GetServerInfoRequest\x1a\x1c.collab_decode.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$collab_decode/v1/collab_decode.proto\x12\x10\x63ollab_decode.v1\"\xe3\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12/\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1a.collab_decode.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x16.collab_decode.v1.ChatH\x00\x12\x32\n\x08sampling\x18\x05 \x01(\x0b\x32 .collab_decode.v1.SamplingParams\x12\x0f\n\x07routing\x18\x06 \x01(\t\x12\t\n\x01n\x18\x07 \x01(\x05\x42\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"7\n\x04\x43hat\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.collab_decode.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xca\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x05\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\n \x01(\x05H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"k\n\rPromptLogprob\x12\x14\n\x07logprob\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12*\n\x03top\x18\x03 \x01(\x0b\x32\x1d.collab_decode.v1.TopLogprobsB\n\n\x08_logprob\"\x8f\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0csmall_tokens\x18\x03 \x01(\x05\x12\x14\n\x0clarge_tokens\x18\x04 \x01(\x05\x12\x13\n\x0blarge_share\x18\x05 \x01(\x01\x12\x13\n\x0blarge_calls\x18\x06 \x01(\x05\"\xaf\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\nprovenance\x18\x03 \x03(\x0e\x32\x17.collab_decode.v1.Model\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x33\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x1d.collab_decode.v1.TopLogprobs\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12&\n\x05usage\x18\x07 \x01(\x0b\x32\x17.collab_decode.v1.Usage\x12\r\n\x05index\x18\x08 \x01(\x05\x12\x38\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1f.collab_decode.v1.PromptLogprob\"\x16\n\x14GetServerInfoRequest\"\xaa\x01\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bsmall_model\x18\x02 \x01(\t\x12\x13\n\x0blarge_model\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x04 \x01(\t\x12\x10\n\x08policies\x18\x05 \x03(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x12\x11\n\tmax_queue\x18\x07 \x01(\x05\x12\x0f\n\x07version\x18\x08 \x01(\t*@\n\x05Model\x12\x15\n\x11MODEL_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMODEL_SMALL\x10\x01\x12\x0f\n\x0bMODEL_LARGE\x10\x02\x32\x93\x02\n\x0c\x43ollabDecode\x12Q\n\x08Generate\x12!.collab_decode.v1.GenerateRequest\x1a\".collab_decode.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12!.collab_decode.v1.GenerateRequest\x1a\".collab_decode.v1.GenerateResponse0\x01\x12U\n\rGetServerInfo\x12&.collab_decode.v1.GetServerInfoRequest\x1a\x1c.collab_decode.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'collab_decode.v1.collab_decode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODEL']._serialized_start=1316
-  _globals['_MODEL']._serialized_end=1380
+  _globals['_MODEL']._serialized_start=1559
+  _globals['_MODEL']._serialized_end=1623
   _globals['_GENERATEREQUEST']._serialized_start=59
-  _globals['_GENERATEREQUEST']._serialized_end=275
-  _globals['_TOKENIDS']._serialized_start=277
-  _globals['_TOKENIDS']._serialized_end=300
-  _globals['_CHAT']._serialized_start=302
-  _globals['_CHAT']._serialized_end=357
-  _globals['_CHATMESSAGE']._serialized_start=359
-  _globals['_CHATMESSAGE']._serialized_end=403
-  _globals['_SAMPLINGPARAMS']._serialized_start=406
-  _globals['_SAMPLINGPARAMS']._serialized_end=686
-  _globals['_TOPLOGPROBS']._serialized_start=688
-  _globals['_TOPLOGPROBS']._serialized_end=738
-  _globals['_USAGE']._serialized_start=741
-  _globals['_USAGE']._serialized_end=884
-  _globals['_GENERATERESPONSE']._serialized_start=887
-  _globals['_GENERATERESPONSE']._serialized_end=1117
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1119
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1141
-  _globals['_SERVERINFO']._serialized_start=1144
-  _globals['_SERVERINFO']._serialized_end=1314
-  _globals['_COLLABDECODE']._serialized_start=1383
-  _globals['_COLLABDECODE']._serialized_end=1658
+  _globals['_GENERATEREQUEST']._serialized_end=286
+  _globals['_TOKENIDS']._serialized_start=288
+  _globals['_TOKENIDS']._serialized_end=311
+  _globals['_CHAT']._serialized_start=313
+  _globals['_CHAT']._serialized_end=368
+  _globals['_CHATMESSAGE']._serialized_start=370
+  _globals['_CHATMESSAGE']._serialized_end=414
+  _globals['_SAMPLINGPARAMS']._serialized_start=417
+  _globals['_SAMPLINGPARAMS']._serialized_end=747
+  _globals['_TOPLOGPROBS']._serialized_start=749
+  _globals['_TOPLOGPROBS']._serialized_end=799
+  _globals['_PROMPTLOGPROB']._serialized_start=801
+  _globals['_PROMPTLOGPROB']._serialized_end=908
+  _globals['_USAGE']._serialized_start=911
+  _globals['_USAGE']._serialized_end=1054
+  _globals['_GENERATERESPONSE']._serialized_start=1057
+  _globals['_GENERATERESPONSE']._serialized_end=1360
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1362
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1384
+  _globals['_SERVERINFO']._serialized_start=1387
+  _globals['_SERVERINFO']._serialized_end=1557
+  _globals['_COLLABDECODE']._serialized_start=1626
+  _globals['_COLLABDECODE']._serialized_end=1901
 # @@protoc_insertion_point(module_scope)

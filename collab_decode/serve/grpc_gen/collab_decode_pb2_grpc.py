@@ -65,7 +65,8 @@ class CollabDecodeServicer:
 
     def GenerateStream(self, request, context):
         """Stream the output as it is written: each message carries only what is new; the last one
-        carries finish_reason and usage.
+        carries finish_reason and usage. With n > 1, the choices' messages interleave, each naming its
+        `index`; each choice's last message carries its finish_reason, the last message of all the usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
