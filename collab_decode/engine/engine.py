@@ -160,10 +160,6 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
-        # Denormal floats make CPU kernels ~50x slower, even in vector lanes a kernel reads but does not use
-        # (measured: the router's LayerNorm, 5.8 ms instead of 0.02 ms at batch 64). The flag is per thread,
-        # and costs one instruction, so every step sets it on the thread that steps.
-        torch.set_flush_denormal(True)
         self.runner.times = StepTimes()
         plan = self.scheduler.schedule()
         token_plan, spec_seqs = self.split_speculative(plan)
