@@ -52,11 +52,10 @@ print(json.dumps(out))
 '''
 
 
-def measure(tree: Path, policies: list[str], num_batch1: int, num_batched: int, prelude: str = "") -> dict[str, float]:
-    """One fresh process on `tree`'s code: tokens/s per '<policy> batch <n>'. `prelude` runs first."""
+def measure(tree: Path, policies: list[str], num_batch1: int, num_batched: int) -> dict[str, float]:
+    """One fresh process on `tree`'s code: tokens/s per '<policy> batch <n>'."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.run([sys.executable, "-c", prelude + MEASURE, json.dumps(policies), str(num_batch1),
-                           str(num_batched)],
+    proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(policies), str(num_batch1), str(num_batched)],
                           cwd=tree, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
