@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU build here (the declared requirement in pyproject.toml is a range)
 TORCH ?= torch==2.13.0
 
-.PHONY: setup serve generate test test-vllm test-lmeval bench clean mutation
+.PHONY: setup serve generate test test-vllm test-lmeval fuzz soak bench clean mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ test-vllm: setup
 # (built on first use, ~1 minute); ~1 minute more
 test-lmeval: setup
 	$(PY) -m pytest -x -m lmeval -rP tests/serve/test_lm_eval.py
+
+# Fuzzing at length (`make test` runs 100 examples per operation; ~10 minutes): the REST API from its OpenAPI
+# schema (schemathesis), the gRPC service with random and malformed messages
+fuzz: setup
+	COLLAB_DECODE_FUZZ_EXAMPLES=1000 $(PY) -m pytest -x tests/serve/test_fuzz.py tests/serve/test_grpc_fuzz.py
+
+# The long soak against `collab-decode serve --pair demo` (CI runs 45 s of it): 32 clients for 10 minutes, REST
+# and gRPC, mixed policies, cancellations, hostile requests; prints requests, failures, latency, RSS, KV blocks
+soak: setup
+	$(PY) tools/soak.py --minutes 10 --clients 32
 
 # The speed-against-accuracy report of the demo pair, engine and server (docs/benchmarks.md; ~15 minutes on 2 cores)
 bench: setup

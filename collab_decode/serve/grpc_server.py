@@ -6,7 +6,8 @@ choice i samples with seed + i). `prompt_logprobs` scores the prompt (the large 
 Bad input -> INVALID_ARGUMENT, past the queue bound -> RESOURCE_EXHAUSTED, a request a model could not
 run (the large model's endpoint is down) -> UNAVAILABLE, no or wrong key (metadata
 `authorization: Bearer KEY`) -> UNAUTHENTICATED. A cancelled call (client gone, deadline) cancels its
-handler, which aborts its sequences. The standard health service runs beside it.
+handler, which aborts its sequences. The standard health service runs beside it. A request that does not
+parse (any RPC, health's too) is INVALID_ARGUMENT; n past max_queue too (it could never be admitted).
 The REST server's limits hold here too (serve/limits.py): past one, INVALID_ARGUMENT; a message larger than
 max_body_bytes, RESOURCE_EXHAUSTED; a request past the request timeout, DEADLINE_EXCEEDED; while the server
 drains, new calls and (at the drain's end) unfinished ones get UNAVAILABLE.
@@ -19,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from collab_decode.routing import POLICY_NAMES
 from collab_decode.sampling import SamplingParams
@@ -34,6 +35,7 @@ from collab_decode.serve.requests import (InvalidRequest, ServedModel, bearer_ke
                                           routing_spec)
 
 SERVICE_NAME = "collab_decode.v1.CollabDecode"
+HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
 _MODEL_ENUM = {"small": pb.MODEL_SMALL, "large": pb.MODEL_LARGE}
 
 
@@ -85,6 +87,9 @@ class CollabDecodeService(pb_grpc.CollabDecodeServicer):
         try:
             if unary and request.n > 1:
                 raise InvalidRequest(f"n > 1 (got {request.n}) streams its choices: call GenerateStream", param="n")
+            if request.n > self.engine.max_queue:  # could never be admitted: not a RESOURCE_EXHAUSTED to retry
+                raise InvalidRequest(f"n = {request.n} asks for more completions than the server holds at once "
+                                     f"(max_queue={self.engine.max_queue})", param="n")
             prompt_ids, sampling, routing = await self._read(request)
             samplings = choice_samplings(sampling, request.n or 1)
             return await start_all(self.engine, [(prompt_ids, s) for s in samplings], routing)
@@ -163,6 +168,32 @@ def _add_service(service: CollabDecodeService, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+def _add_health(health_service: health.aio.HealthServicer, server: grpc.aio.Server) -> None:
+    """health_pb2_grpc.add_HealthServicer_to_server, with requests that do not parse -> INVALID_ARGUMENT (its
+    handlers answer UNKNOWN, quoting the parser) and List, which the servicer lacks, a plain UNIMPLEMENTED."""
+    async def check(request, context):
+        await _check_parsed(request, context)
+        return await health_service.Check(request, context)
+
+    async def watch(request, context):
+        await _check_parsed(request, context)
+        await health_service.Watch(request, context)
+
+    async def list_services(request, context):
+        await _check_parsed(request, context)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "List is not served: call Check or Watch with a service")
+
+    io = (_parser(health_pb2.HealthCheckRequest), health_pb2.HealthCheckResponse.SerializeToString)
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(check, *io),
+        "Watch": grpc.unary_stream_rpc_method_handler(watch, *io),
+        "List": grpc.unary_unary_rpc_method_handler(list_services, _parser(health_pb2.HealthListRequest),
+                                                    health_pb2.HealthListResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(HEALTH_SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(HEALTH_SERVICE_NAME, handlers)
+
+
 def _sampling(s: pb.SamplingParams) -> SamplingParams:
     """Proto sampling fields -> SamplingParams; unset optionals take SamplingParams' own defaults."""
     kwargs = {name: getattr(s, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs",
@@ -225,7 +256,7 @@ async def start_grpc_server(service: CollabDecodeService, host: str, port: int,
     _add_service(service, server)
     health_service = health.aio.HealthServicer()
     service.health = health_service
-    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    _add_health(health_service, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind the gRPC server to {host}:{port}")

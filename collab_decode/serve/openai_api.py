@@ -7,7 +7,8 @@ Each generation request: parse (strict types) -> prompt ids + SamplingParams + r
 AsyncEngine.add_request (400 if the engine refuses it, 429 past the queue bound) -> stream or collect.
 A client that goes away mid-request aborts its sequence, which frees its KV blocks before the next step.
 Every error body is OpenAI's: {"error": {"message", "type", "param", "code"}}; an unexpected error is logged with
-the request's id, and its body says only that (every response carries the id in `x-request-id`).
+the request's id, and its body says only that (every response carries the id in `x-request-id`). The OpenAPI
+schema documents each error status a route answers, with that body (and no FastAPI 422: validation is a 400).
 In front of the app, RequestGuard (serve/http_guard.py) caps and checks the body and answers 503 while the
 server drains; serve/limits.py checks prompts, max_tokens, stop strings and messages.
 """
@@ -24,7 +25,7 @@ import uuid
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from collab_decode.sampling import SamplingParams
@@ -63,19 +64,54 @@ def create_app(engine: AsyncEngine, model: ServedModel, tokenizer, api_key: str 
     routes = _Routes(engine, model, tokenizer, api_key, limits, prompts or PromptTokenizer(tokenizer))
     key = [Depends(routes.check_key)]
     _add_docs(app, key)
-    app.add_api_route("/v1/completions", routes.completions, methods=["POST"], dependencies=key)
-    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"], dependencies=key)
-    app.add_api_route("/v1/models", routes.models, methods=["GET"], dependencies=key)
-    app.add_api_route("/v1/models/{name:path}", routes.model_card, methods=["GET"], dependencies=key)
-    app.add_api_route("/health", routes.health, methods=["GET"])
-    app.add_api_route("/metrics", routes.metrics, methods=["GET"])
+    generation = {200: {"description": "the completion (JSON), or with `stream` its server-sent events",
+                        "content": {"text/event-stream": {}}}, **_errors(400, 401, 408, 413, 429, 503, 504)}
+    app.add_api_route("/v1/completions", routes.completions, methods=["POST"], dependencies=key, responses=generation)
+    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"], dependencies=key,
+                      responses=generation)
+    app.add_api_route("/v1/models", routes.models, methods=["GET"], dependencies=key, responses=_errors(401, 503))
+    app.add_api_route("/v1/models/{name:path}", routes.model_card, methods=["GET"], dependencies=key,
+                      responses=_errors(401, 404, 503))
+    app.add_api_route("/health", routes.health, methods=["GET"], responses={503: {
+        "description": "draining, or the engine stopped: {\"status\": \"draining\" | \"engine stopped\"}"}})
+    app.add_api_route("/metrics", routes.metrics, methods=["GET"], response_class=PlainTextResponse)
     return app
+
+
+_ERROR_MEANINGS = {
+    400: "an invalid request: a field out of range or of the wrong type, a limit passed, text that is not valid "
+         "Unicode (the body names the field in `param`)",
+    401: "no or wrong API key (send `Authorization: Bearer KEY`)",
+    404: "no such model",
+    408: "the request body stopped arriving (idle timeout)",
+    413: "the request body is larger than the server takes",
+    429: "the server is at capacity (max_queue); retry after `Retry-After` seconds",
+    503: "the server is shutting down, or its engine stopped",
+    504: "the request ran past the server's request timeout",
+}
+
+
+def _errors(*statuses: int) -> dict:
+    """OpenAPI `responses` for these error statuses: each an OpenAI error body (protocol.ErrorResponse)."""
+    return {status: {"model": protocol.ErrorResponse, "description": _ERROR_MEANINGS[status]} for status in statuses}
+
+
+def _documented_schema(app: FastAPI) -> dict:
+    """The app's OpenAPI schema without FastAPI's 422 responses: validation errors are answered 400, OpenAI's way."""
+    if app.openapi_schema is None:
+        schema = app.openapi()
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return app.openapi_schema
 
 
 def _add_docs(app: FastAPI, key: list) -> None:
     """/openapi.json, /docs and /redoc, behind the API key when there is one."""
     async def openapi():
-        return JSONResponse(app.openapi())
+        return JSONResponse(_documented_schema(app))
 
     async def docs():
         return get_swagger_ui_html(openapi_url="/openapi.json", title="collab-decode")

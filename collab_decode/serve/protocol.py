@@ -164,6 +164,19 @@ class ChatCompletionRequest(_GenerationRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class ErrorDetail(BaseModel):
+    message: str  # what was wrong, for a person; never an internal exception's text
+    type: str  # invalid_request_error | rate_limit_error | server_error | not_found_error
+    param: str | None = None  # the request field at fault, when one is
+    code: str | None = None  # a machine-readable kind (prompt_too_long, invalid_unicode, server_busy, ...)
+
+
+class ErrorResponse(BaseModel):
+    """Every error body, REST (OpenAI's shape); the OpenAPI schema documents it for each error status."""
+
+    error: ErrorDetail
+
+
 def usage(choices: list[list[Delta]], n: int = 1) -> dict:
     """OpenAI usage of a request's choices (each its deltas so far; n per prompt, so prompt tokens count
     once per prompt, as vLLM counts them) plus how many tokens each model wrote."""
