@@ -131,24 +131,34 @@ def router_cost(engine, policy: str, batch_sizes: tuple[int, ...] = (1, 64), max
 
 
 def plot(rows: list[dict], v: dict, path: Path) -> None:
+    """Accuracy against large share per family: the whole range (log share), and the knee (linear)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, style in (("neural", "o-"), ("entropy", "s-"), ("random", "^-")):
-        fam = family(rows, name)
-        ax.plot([100 * r["large_share"] for r in fam], [100 * r["accuracy"] for r in fam], style, label=name)
     large = next(r for r in rows if r["policy"] == "large")
-    ax.axhline(100 * large["accuracy"], color="gray", lw=0.8, label=f"large alone ({large['accuracy']:.1%})")
-    ax.axhline(100 * v["accuracy_floor"], color="gray", ls="--", lw=0.8, label="97% of large")
-    ax.set_xscale("log")
-    ax.set_xlabel("large share (% of output tokens from the large model, log)")
-    ax.set_ylabel(f"accuracy (%, {large['num_problems']} held-out problems, greedy)")
-    ax.set_title("demo pair: neural router vs entropy vs random")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, zoom in zip(axes, (False, True)):
+        for name, style in (("neural", "o-"), ("entropy", "s-"), ("random", "^-")):
+            fam = family(rows, name)
+            ax.plot([100 * r["large_share"] for r in fam], [100 * r["accuracy"] for r in fam], style, label=name)
+        ax.axhline(100 * large["accuracy"], color="gray", lw=0.8, label=f"large alone ({large['accuracy']:.1%})")
+        ax.axhline(100 * v["accuracy_floor"], color="gray", ls="--", lw=0.8, label="97% of large")
+        ax.set_xlabel("large share (% of output tokens from the large model" + (")" if zoom else ", log)"))
+        ax.grid(alpha=0.3, which="both")
+        if zoom:
+            ax.set_xlim(2.5, 4.5)
+            ax.set_ylim(60, 101)
+            ax.set_title("the knee")
+        else:
+            ax.set_xscale("log")
+            ax.set_xticks([1, 2, 3, 4, 5, 10, 20, 40])
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.set_ylabel(f"accuracy (%, {large['num_problems']} held-out problems, greedy)")
+            ax.set_title("demo pair: neural router vs entropy vs random")
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -171,7 +181,8 @@ def markdown(report: dict) -> str:
               f"{'yes' if v['beats_entropy_everywhere'] else 'NO'}.", ""]
     if report.get("speed"):
         lines.append("Batch-1 tokens/s (alternating, same problems): "
-                     + ", ".join(f"{p} {s:.0f}" for p, s in report["speed"].items()))
+                     + ", ".join(f"{p} {s:.0f}" for p, s in report["speed"].items())
+                     + (f" (measured again by `{report['speed_command']}`)" if report.get("speed_command") else ""))
     if report.get("router_cost"):
         lines.append("Router cost (decide time / small forward time per decode step): "
                      + ", ".join(f"{k} {c['route_of_small']:.1%}" for k, c in report["router_cost"].items()
@@ -190,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--speed-problems", type=int, default=10, help="problems per batch-1 speed round")
     parser.add_argument("--speed-rounds", type=int, default=3)
     parser.add_argument("--out", default="docs/results/router")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="keep the accuracy rows of OUT/router_sweep.json; measure speed and router cost again "
+                             "(e.g. once the machine is quiet)")
     args = parser.parse_args(argv)
     import sys
 
@@ -197,21 +211,26 @@ def main(argv: list[str] | None = None) -> None:
     from collab_decode.engine.loading import build_engine
 
     start = time.perf_counter()
+    out = Path(args.out)
     name = Path(args.router).name
     engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), routers={name: args.router})
-    policies = (["large", "small"] + [f"neural:{name}:{t}" for t in args.neural]
-                + [f"entropy:{t}" for t in args.entropy] + [f"random:{p}" for p in args.random])
-    rows = accuracy_rows(engine, args.num_problems, policies)
-    v = verdict(rows)
+    command = "collab-decode bench router " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.speed_only:
+        report = json.loads((out / "router_sweep.json").read_text())
+        report["speed_command"] = command
+    else:
+        policies = (["large", "small"] + [f"neural:{name}:{t}" for t in args.neural]
+                    + [f"entropy:{t}" for t in args.entropy] + [f"random:{p}" for p in args.random])
+        rows = accuracy_rows(engine, args.num_problems, policies)
+        report = {"command": command, "router": args.router, "num_problems": args.num_problems, "rows": rows,
+                  "verdict": verdict(rows)}
+    rows, v = report["rows"], report["verdict"]
     operating = (v["neural"] or {}).get("policy", f"neural:{name}:{args.neural[len(args.neural) // 2]}")
     speed = batch1_speed(engine, ["large", operating], args.speed_problems, args.speed_rounds)
-    cost = router_cost(engine, operating)
-    report = {"command": "collab-decode bench router " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "router": args.router, "num_problems": args.num_problems, "rows": rows, "verdict": v,
-              "operating_point": operating, "speed": speed,
-              "speedup_over_large": round(speed[operating] / speed["large"], 3), "router_cost": cost,
-              "minutes": round((time.perf_counter() - start) / 60, 1)}
-    out = Path(args.out)
+    report.update({"operating_point": operating, "speed": speed,
+                   "speedup_over_large": round(speed[operating] / speed["large"], 3),
+                   "router_cost": router_cost(engine, operating),
+                   "minutes": round((time.perf_counter() - start) / 60, 1)})
     out.mkdir(parents=True, exist_ok=True)
     (out / "router_sweep.json").write_text(json.dumps(report, indent=2))
     (out / "router_sweep.md").write_text(markdown(report))

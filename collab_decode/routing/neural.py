@@ -46,8 +46,9 @@ class RouterMLP(nn.Module):
 
 
 def top1_prob(logits: torch.Tensor) -> torch.Tensor:
-    """(B, V) logits -> (B,) probability of the most likely token."""
-    return torch.exp(logits.max(-1).values - torch.logsumexp(logits, -1))
+    """(B, V) logits -> (B,) probability of the most likely token (softmax + max: at batch 1 a third of
+    exp(max - logsumexp)'s time, measured)."""
+    return torch.softmax(logits, -1).amax(-1)
 
 
 @dataclass
@@ -132,13 +133,19 @@ class NeuralRoute(Router):
 
     def scores(self, inputs: RouterInputs) -> torch.Tensor:
         """(B,) probability that each position is divergent; 0 where the gate says the small model is sure."""
-        if self.gate is None:
-            return torch.sigmoid(self.model(self.features(inputs)))
-        rows = (top1_prob(inputs.logits) < self.gate).nonzero().squeeze(1)  # (R,) the uncertain positions
-        out = inputs.logits.new_zeros(len(inputs.logits))
-        if len(rows):
-            out[rows] = torch.sigmoid(self.model(self.features(inputs.select(rows.tolist()))))
+        out = inputs.logits.new_zeros(len(inputs.states))
+        rows = self.uncertain_rows(inputs)
+        if rows:
+            out[rows] = torch.sigmoid(self.model(self.features(inputs if len(rows) == len(out) else
+                                                               inputs.select(rows))))
         return out
+
+    def uncertain_rows(self, inputs: RouterInputs) -> list[int]:
+        """The rows the MLP scores: those whose top-1 probability is below the gate (all rows without one).
+        One host copy; no tensor op past it when no row is uncertain (most steps at batch 1)."""
+        if self.gate is None:
+            return list(range(len(inputs.states)))
+        return [i for i, uncertain in enumerate((top1_prob(inputs.logits) < self.gate).tolist()) if uncertain]
 
     def features(self, inputs: RouterInputs) -> torch.Tensor:
         return router_features(inputs.hidden, inputs.embed(inputs.proposed), inputs.logits, self.model.top_k)
