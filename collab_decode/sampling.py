@@ -19,8 +19,7 @@ so it is deterministic, batched and has no host sync.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 
@@ -122,26 +121,29 @@ class SampleOutput:
     # None when no row wants alternatives.
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
-    # (B,) bool: the row's logits held a NaN or +inf, or nothing finite (its token means nothing); None = none
-    nonfinite: torch.Tensor | None = None
+    # (B,) float32 each row's largest logit: NaN if the row holds a NaN, +inf if it holds +inf, -inf if
+    # nothing in it is finite (then its token means nothing); None = not checked
+    row_max: torch.Tensor | None = None
 
-    @cached_property
-    def _on_host(self) -> tuple[list[int], list[int]]:
-        # one host copy for the whole batch: the tokens and the non-finite flags together
-        if self.nonfinite is None:
-            return self.token_ids.tolist(), []
-        token_ids, flags = torch.stack([self.token_ids, self.nonfinite.to(self.token_ids.dtype)]).tolist()
-        return token_ids, [row for row, flag in enumerate(flags) if flag]
+    # what the engine reads on the host, copied once per batch on first use
+    _token_id_list: list[int] | None = field(default=None, init=False, repr=False)
+    _nonfinite_rows: list[int] | None = field(default=None, init=False, repr=False)
 
     @property
     def token_id_list(self) -> list[int]:
         """token_ids as Python ints (one host copy for the whole batch, however many rows are read)."""
-        return self._on_host[0]
+        if self._token_id_list is None:
+            self._token_id_list = self.token_ids.tolist()
+        return self._token_id_list
 
     @property
     def nonfinite_rows(self) -> list[int]:
-        """Rows whose logits were not finite: their requests must fail (read with token_id_list: one copy)."""
-        return self._on_host[1]
+        """Rows whose logits were not finite: their requests must fail. Checked on the host from row_max
+        (a copy of B floats: cheaper at batch 1 than more tensor ops)."""
+        if self._nonfinite_rows is None:
+            maxes = [] if self.row_max is None else self.row_max.tolist()
+            self._nonfinite_rows = [row for row, m in enumerate(maxes) if not math.isfinite(m)]
+        return self._nonfinite_rows
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -211,18 +213,19 @@ class Sampler:
         generators: list[torch.Generator | None],
     ) -> SampleOutput:
         """(B, V) logits -> SampleOutput. `generators[i]` drives row i (None: global RNG). A row whose
-        logits are not finite still gets a token (in range, meaningless) and is flagged in `nonfinite`."""
+        logits are not finite still gets a token (in range, meaningless) and is flagged (nonfinite_rows)."""
         if not len(params) == len(generators) == logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} rows of logits, {len(params)} params and "
                              f"{len(generators)} generators must match")
         logits = logits.float()  # (B, V)
         if all(p.greedy for p in params):
-            token_ids = logits.argmax(dim=-1)  # (B,)
+            row_max, token_ids = logits.max(dim=-1)  # (B,), (B,): the max propagates NaN
         else:
+            row_max = logits.amax(dim=-1)
             probs = processed_probs(logits, params)  # (B, V)
             token_ids = (probs / self._race_noise(probs, params, generators)).argmax(dim=-1)
         out = logprobs_of(logits, token_ids, params)
-        out.nonfinite = nonfinite_rows(logits)
+        out.row_max = row_max
         return out
 
     @staticmethod

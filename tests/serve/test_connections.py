@@ -37,6 +37,18 @@ def closed_by_server(sock: socket.socket) -> bool:
         return False
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection; then close our end."""
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    sock.close()
+    return answer
+
+
 def test_a_connection_that_never_finishes_its_headers_is_closed(limited_server):
     silent = connect(limited_server)  # sends nothing at all
     partial = connect(limited_server)
@@ -91,13 +103,7 @@ def test_a_body_that_stops_arriving_is_a_408(limited_server):
     sock = connect(limited_server)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
-    answer = b""
-    try:
-        while chunk := sock.recv(65536):
-            answer += chunk
-    except ConnectionResetError:
-        pass
-    sock.close()
+    answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b'"code":"request_timeout"' in answer
 
@@ -177,13 +183,7 @@ def test_headers_past_their_size_bound_are_a_431(limited_server):
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 1))
     except (BrokenPipeError, ConnectionResetError):
         pass
-    answer = b""
-    try:
-        while chunk := sock.recv(65536):
-            answer += chunk
-    except ConnectionResetError:
-        pass
-    sock.close()
+    answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
     big_but_allowed = {"X-Big": "a" * (MAX_HEADER_BYTES // 2)}
     assert httpx.get(f"{limited_server.url}/health", headers=big_but_allowed, timeout=30).status_code == 200

@@ -51,6 +51,20 @@ async def stream(client: httpx.AsyncClient, body: dict) -> tuple[int, list]:
     return r.status_code, [e if e == "[DONE]" else json.loads(e) for e in events]
 
 
+async def run_held(server, gate, calls: list) -> list:
+    """Send `calls` (coroutines of post/stream) while the gate holds the engine; once all are in the engine
+    (so they share every step), let it go and gather their answers."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        await asyncio.to_thread(wait_until, lambda: len(server.engine.seqs) == len(calls), "all are in the engine")
+        gate.resume()
+        return await asyncio.wait_for(asyncio.gather(*tasks), 300)
+    finally:
+        gate.resume()
+        for task in tasks:
+            task.cancel()
+
+
 def test_a_failing_request_fails_alone(server, gate, reference_engine, monkeypatch):
     flaky = register_flaky_policy(monkeypatch)
     want = {seed: reference_run(reference_engine, PROMPT, greedy(seed), flaky) for seed in (1, 2)}
@@ -60,17 +74,9 @@ def test_a_failing_request_fails_alone(server, gate, reference_engine, monkeypat
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            calls = [post(client, flaky_body(1)), stream(client, flaky_body(2, stream=True)),
-                     post(client, flaky_body(DECIDE_FAILS)), stream(client, flaky_body(OBSERVE_FAILS, stream=True))]
-            tasks = [asyncio.ensure_future(call) for call in calls]
-            try:
-                await asyncio.to_thread(wait_until, lambda: len(server.engine.seqs) == 4, "all four are in the engine")
-                gate.resume()
-                return await asyncio.wait_for(asyncio.gather(*tasks), 300)
-            finally:
-                gate.resume()
-                for task in tasks:
-                    task.cancel()
+            return await run_held(server, gate, [
+                post(client, flaky_body(1)), stream(client, flaky_body(2, stream=True)),
+                post(client, flaky_body(DECIDE_FAILS)), stream(client, flaky_body(OBSERVE_FAILS, stream=True))])
 
     (status1, done1), (status2, events2), (status3, failed3), (status4, events4) = asyncio.run(main())
     assert status1 == 200, done1
@@ -219,19 +225,10 @@ def test_nan_logits_fail_only_their_request_through_rest(poisoned, monkeypatch):
 
         async def main():
             async with httpx.AsyncClient(base_url=s.url, timeout=120) as client:
-                calls = [post(client, poisoned_body(INNOCENT_PROMPTS[0])),
-                         stream(client, poisoned_body(INNOCENT_PROMPTS[1], stream=True)),
-                         post(client, poisoned_body(NAN_PROMPT)),
-                         stream(client, poisoned_body(NAN_PROMPT, stream=True))]
-                tasks = [asyncio.ensure_future(call) for call in calls]
-                try:
-                    await asyncio.to_thread(wait_until, lambda: len(s.engine.seqs) == 4, "all four are in the engine")
-                    gate.resume()
-                    return await asyncio.wait_for(asyncio.gather(*tasks), 300)
-                finally:
-                    gate.resume()
-                    for task in tasks:
-                        task.cancel()
+                return await run_held(s, gate, [
+                    post(client, poisoned_body(INNOCENT_PROMPTS[0])),
+                    stream(client, poisoned_body(INNOCENT_PROMPTS[1], stream=True)),
+                    post(client, poisoned_body(NAN_PROMPT)), stream(client, poisoned_body(NAN_PROMPT, stream=True))])
 
         (status1, done1), (status2, events2), (status3, failed3), (status4, events4) = asyncio.run(main())
         assert status1 == 200 and done1["choices"][0]["token_ids"] == want[0].output_ids
