@@ -142,7 +142,7 @@ class NeuralRoute(Router):
 
     def uncertain_rows(self, inputs: RouterInputs) -> list[int]:
         """The rows the MLP scores: those whose top-1 probability is below the gate (all rows without one).
-        One host copy; no tensor op past it when no row is uncertain (most steps at batch 1)."""
+        One host copy of B flags; the MLP does not run when no row is uncertain (most steps at batch 1)."""
         if self.gate is None:
             return list(range(len(inputs.states)))
         return [i for i, uncertain in enumerate((top1_prob(inputs.logits) < self.gate).tolist()) if uncertain]
