@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from collab_decode.demo.evaluate import evaluate
-from collab_decode.demo.tokenizer import chat_prompt
+from collab_decode.bench.workload import demo_workload
 from collab_decode.sampling import SamplingParams
 
 CALIBRATION_OFFSET = 600_000  # held-out indices used to pick thresholds, apart from the reported [0, n)
@@ -76,10 +76,7 @@ def accuracy_table(engine, num: int, target: float, num_calibration: int) -> dic
 
 
 def speed_table(engine, num_prompts: int, policies: list[str]) -> list[dict]:
-    from collab_decode.demo.task import problems
-
-    prompts = [engine.tokenizer(chat_prompt(p.question), add_special_tokens=False)["input_ids"]
-               for p in problems("heldout", num_prompts)]
+    prompts = demo_workload(engine.tokenizer, num_prompts).prompt_ids
     sampling = SamplingParams(max_tokens=300, temperature=0.0)
     for policy in policies:  # warm up every path (and compile, with --compile) before timing
         engine.generate(prompts[:1], SamplingParams(max_tokens=24, temperature=0.0), policy)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from collab_decode.demo.evaluate import evaluate
-from collab_decode.demo.tokenizer import chat_prompt
+from collab_decode.bench.workload import demo_workload
 from collab_decode.sampling import SamplingParams
 
 KEEP = 0.97  # of the large model's accuracy
@@ -84,10 +84,7 @@ def verdict(rows: list[dict]) -> dict:
 
 def batch1_speed(engine, policies: list[str], num: int, rounds: int) -> dict:
     """Tokens/s at batch 1 per policy, alternating policies round by round on the same problems."""
-    from collab_decode.demo.task import problems
-
-    prompts = [engine.tokenizer(chat_prompt(p.question), add_special_tokens=False)["input_ids"]
-               for p in problems("heldout", num)]
+    prompts = demo_workload(engine.tokenizer, num).prompt_ids
     greedy = SamplingParams(max_tokens=400, temperature=0.0)
     for policy in policies:
         engine.generate(prompts[:2], greedy, policy)  # warm-up
@@ -106,13 +103,9 @@ def batch1_speed(engine, policies: list[str], num: int, rounds: int) -> dict:
 def router_cost(engine, policy: str, batch_sizes: tuple[int, ...] = (1, 64), max_tokens: int = 200) -> dict:
     """Per batch size: the routers' decide time over the small model's forward time, summed over decode
     steps (steps where every sequence is decoding one token)."""
-    from collab_decode.demo.task import problems
-
     out = {}
     for b in batch_sizes:
-        prompts = [engine.tokenizer(chat_prompt(p.question), add_special_tokens=False)["input_ids"]
-                   for p in problems("heldout", b, 10_000)]
-        for prompt in prompts:
+        for prompt in demo_workload(engine.tokenizer, b, 10_000).prompt_ids:
             engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0), policy)
         route = small = 0.0
         steps = 0
