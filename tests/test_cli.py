@@ -21,7 +21,7 @@ from collab_decode.cli import HIGHLIGHT, RESET, build_parser, main
 from collab_decode.engine.args import engine_from_args
 from collab_decode.routing import parse_routing
 from tests.backends.test_remote_cli import REMOTE_FLAGS_CHECKED
-from tests.utils import make_pair, save_tiny_lm
+from tests.utils import make_pair, save_lm_with_swapped_ids
 
 PROMPT = "Ann has 3"  # the tiny small and large models continue it differently
 EOS = 0  # the demo tokenizer's <|endoftext|>: eos of the tiny models and the demo pair
@@ -303,12 +303,7 @@ def test_bad_input_gives_a_clear_error(capsys, pair, tmp_path):
 
 
 def test_pair_with_different_tokenizers_is_refused_before_loading(capsys, pair, tmp_path):
-    other = save_tiny_lm(tmp_path / "other", seed=3)
-    tok = json.loads((other / "tokenizer.json").read_text())
-    vocab = tok["model"]["vocab"]
-    a, b = list(vocab)[300:302]
-    vocab[a], vocab[b] = vocab[b], vocab[a]  # two ids swapped: same strings, different ids
-    (other / "tokenizer.json").write_text(json.dumps(tok))
+    other = save_lm_with_swapped_ids(tmp_path / "other")
     (other / "model.safetensors").write_bytes(b"not loaded")  # would fail loudly if weights were read first
     code, _, err = cli(capsys, "generate", "--small", pair[0], "--large", other, "--policy", "large", "--prompt", "x")
     assert code == 2 and "do not share a tokenizer" in err

@@ -80,6 +80,20 @@ def save_tiny_lm(path: Path, seed: int, hidden: int = 64, layers: int = 2, vocab
     return path
 
 
+def save_lm_with_swapped_ids(path: Path) -> Path:
+    """A tiny model whose tokenizer has the same strings as save_tiny_lm's but two ids swapped: a pair made with
+    it does not share a tokenizer."""
+    import json
+
+    save_tiny_lm(path, seed=3)
+    tok = json.loads((path / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    return path
+
+
 def poison_embedding(model_dir: Path, token_id: int) -> Path:
     """Make a saved model's input embedding of `token_id` NaN: any sequence holding that token gets NaN
     hidden states and logits, the others none (the model must be untied, or every logit of that id is NaN)."""

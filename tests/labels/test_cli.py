@@ -14,7 +14,7 @@ from collab_decode.labels.dataset import read_dataset
 from collab_decode.labels.queries import read_queries
 from collab_decode.labels.settings import LabelSettings
 from tests.labels.conftest import chat_queries, write_queries
-from tests.utils import save_tiny_lm
+from tests.utils import save_lm_with_swapped_ids
 
 
 def cli(capsys, *argv):
@@ -63,12 +63,7 @@ def test_clear_errors(capsys, pair, tmp_path):
 
 
 def test_a_pair_without_a_shared_tokenizer_is_refused(capsys, pair, tmp_path):
-    other = save_tiny_lm(tmp_path / "other", seed=3)
-    tok = json.loads((other / "tokenizer.json").read_text())
-    vocab = tok["model"]["vocab"]
-    a, b = list(vocab)[300:302]
-    vocab[a], vocab[b] = vocab[b], vocab[a]  # same strings, two ids swapped
-    (other / "tokenizer.json").write_text(json.dumps(tok))
+    other = save_lm_with_swapped_ids(tmp_path / "other")
     queries = write_queries(tmp_path / "q.jsonl", chat_queries(1))
     code, _, err = cli(capsys, "label", "--small", pair[0], "--large", other, "--queries", queries,
                        "--out", tmp_path / "out")
