@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from collab_decode.backends.base import ModelInput, ModelOutput
 from collab_decode.models.attention import AttentionMetadata, KVCache, PrefillChunk
@@ -60,9 +61,9 @@ class NativeBackend:
             k.index_fill_(0, index, 0)
             v.index_fill_(0, index, 0)
 
-    @torch.inference_mode()
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.model.embed_tokens(token_ids.to(self.device))
+        # the functional call: the router's features look up a few rows per step (the weights need no grad)
+        return F.embedding(token_ids.to(self.device), self.model.model.embed_tokens.weight)
 
     @torch.inference_mode()
     def forward(self, batch: ModelInput) -> ModelOutput:

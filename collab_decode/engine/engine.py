@@ -211,7 +211,7 @@ class Engine:
             proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j,
                                              error=nonfinite_error(SMALL) if j in nonfinite else None)
         inputs = RouterInputs([s.router_state for s in sampled], logits, hidden, sample.token_ids,
-                              self.backends[SMALL].embed)
+                              self.backends[SMALL].embed, sample.row_max)
         return proposals, SmallView(sampled, inputs)
 
     def route(self, proposals: dict[int, "Proposal"], view: "SmallView | None") -> list[Sequence]:
@@ -244,14 +244,14 @@ class Engine:
         fail), the others the decision they get alone."""
         try:
             batch = inputs if len(rows) == len(inputs.states) else inputs.select(rows)
-            return dict(zip(rows, router.decide(batch).tolist()))
+            return dict(zip(rows, _as_list(router.decide(batch))))
         except Exception:
             log.exception("router %s raised on a batch of %d sequences; asking each alone", type(router).__name__,
                           len(rows))
         decisions: dict[int, bool | None] = {}
         for i in rows:
             try:
-                decisions[i] = router.decide(inputs.select([i])).tolist()[0]
+                decisions[i] = _as_list(router.decide(inputs.select([i])))[0]
             except Exception:
                 log.exception("router %s raised on one sequence: that request fails", type(router).__name__)
                 decisions[i] = None
@@ -352,6 +352,11 @@ class Engine:
         if progress:
             print()
         return [results[i] for i in ids]
+
+
+def _as_list(decisions) -> list[bool]:
+    """A router's decisions (a bool tensor, or a list of bools) as a list."""
+    return decisions.tolist() if isinstance(decisions, torch.Tensor) else list(decisions)
 
 
 @dataclass

@@ -107,10 +107,49 @@ def test_a_router_without_a_table_refuses_a_budget(tmp_path, trained):
         build_router(parse_routing("neural:bare:share=0.1"), context)
 
 
-def test_the_functional_forward_equals_the_layers(trained):
+def test_the_functional_and_frozen_forwards_equal_the_layers(trained):
+    """The trainer's functional forward and the serving copy (addmm over transposed weights, GELU through erf)
+    compute the layers' function, at one row and at several."""
+    from collab_decode.routing.neural import FrozenRouterMLP
+
     _, model, _ = trained
-    x = torch.randn(7, 2 * HIDDEN + TOP_K)
-    torch.testing.assert_close(model(x), model.net(x).squeeze(-1), rtol=0, atol=1e-6)
+    frozen = FrozenRouterMLP(model)
+    for rows in (1, 7):
+        x = torch.randn(rows, 2 * HIDDEN + TOP_K)
+        torch.testing.assert_close(model(x), model.net(x).squeeze(-1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(frozen(x), model.net(x).squeeze(-1), rtol=0, atol=1e-6)
+
+
+def _router_inputs(rows: int, vocab: int = 20, seed: int = 1):
+    """Random router inputs of `rows` rows; every third row's small model is sure of token 0."""
+    from collab_decode.routing.policies import RouterInputs
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g)
+    logits[::3, 0] += 12.0
+    table = torch.randn(vocab, HIDDEN, generator=g)
+    return RouterInputs([None] * rows, logits, torch.randn(rows, HIDDEN, generator=g), logits.argmax(-1),
+                        lambda ids: table[ids], logits.amax(-1))
+
+
+@pytest.mark.parametrize("rows", [1, 12, 40])  # 40: the gate's exp-sum form (from 16 rows)
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.97, 1.0])
+def test_neural_decisions_are_its_scores_against_the_threshold(trained, rows, threshold):
+    """decide() compares MLP logits with logit(threshold) on the host and gates with the sampler's max; it
+    must route exactly where sigmoid(MLP) > threshold on the rows the gate lets through (scores())."""
+    from collab_decode.routing.neural import LoadedRouter, NeuralRoute
+    from collab_decode.routing.policies import top1_prob
+
+    _, model, _ = trained
+    inputs = _router_inputs(rows)
+    router = NeuralRoute(LoadedRouter(model, {"threshold": threshold, "gate": 0.9}))
+    sure = (top1_prob(inputs.logits) >= 0.9).tolist()
+    assert router.uncertain_rows(inputs) == [i for i, s in enumerate(sure) if not s]
+    expected = (router.scores(inputs) > threshold).tolist()
+    assert router.decide(inputs) == expected
+    assert not any(e for e, s in zip(expected, sure) if s)  # the gate's rows never route
+    if rows == 40 and 0 < threshold < 0.97:
+        assert any(expected) and not all(expected)  # the case tells routed from not routed
 
 
 def test_the_fine_calibration_points_cover_small_shares():
@@ -123,19 +162,14 @@ def test_the_fine_calibration_points_cover_small_shares():
 def test_the_confidence_gate_skips_sure_positions_and_keeps_the_rest(trained):
     """Rows where the small model's top-1 probability reaches the gate score 0 (never routed); the others
     score exactly what the ungated router gives them. The trainer's gate sits above every divergent row."""
-    from collab_decode.routing.neural import LoadedRouter, NeuralRoute, top1_prob
-    from collab_decode.routing.policies import RouterInputs
+    from collab_decode.routing.neural import LoadedRouter, NeuralRoute
+    from collab_decode.routing.policies import top1_prob
     from collab_decode.trainer.train import confidence_gate
 
     assert confidence_gate(torch.tensor([0.3, 0.99, 0.6, 0.2]), torch.tensor([1, 0, 1, 0])) == pytest.approx(0.8)
     _, model, _ = trained
-    g = torch.Generator().manual_seed(1)
-    vocab, rows = 20, 12
-    logits = torch.randn(rows, vocab, generator=g)
-    logits[::3, 0] += 12.0  # every third row: the small model is sure
-    table = torch.randn(vocab, HIDDEN, generator=g)
-    inputs = RouterInputs([None] * rows, logits, torch.randn(rows, HIDDEN, generator=g), logits.argmax(-1),
-                          lambda ids: table[ids])
+    inputs = _router_inputs(12)  # every third row: the small model is sure
+    logits = inputs.logits
     ungated = NeuralRoute(LoadedRouter(model, {"threshold": 0.5})).scores(inputs)
     gated = NeuralRoute(LoadedRouter(model, {"threshold": 0.5, "gate": 0.9})).scores(inputs)
     sure = top1_prob(logits) >= 0.9
