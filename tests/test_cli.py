@@ -245,7 +245,7 @@ def test_the_demo_pair_loads_its_shipped_router_unless_routers_are_given(tmp_pat
     args = build_parser().parse_args(["generate", "--pair", "demo", "--prompt", "x"])
     engine = engine_from_args(args)
     assert list(engine.router_context.routers) == ["demo"]
-    assert engine.router_for(parse_routing("neural")).model is engine.router_context.routers["demo"].model
+    assert engine.router_for(parse_routing("neural")).model is engine.router_context.routers["demo"].frozen
     assert SHIPPED_ROUTERS["demo"]["demo"].resolve() == (Path(__file__).parents[1] / "router_models" / "demo").resolve()
     (mine,) = save_routers(tmp_path, 64, "mine")
     args = build_parser().parse_args(["generate", "--pair", "demo", "--prompt", "x", "--router", str(mine)])

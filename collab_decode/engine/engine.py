@@ -201,10 +201,11 @@ class Engine:
         if not rows:
             return proposals, None
         if len(rows) == len(seqs):  # the usual decode step: every row samples, no gather needed
-            sampled, logits, hidden = seqs, out.logits[:, :self.vocab_size], out.hidden
+            sampled, logits, hidden = seqs, out.logits, out.hidden
         else:
             idx = torch.tensor(rows)
-            sampled, logits, hidden = [seqs[i] for i in rows], out.logits[idx, :self.vocab_size], out.hidden[idx]
+            sampled, logits, hidden = [seqs[i] for i in rows], out.logits[idx], out.hidden[idx]
+        logits = self.runner.vocab_logits(logits)
         sample = self.runner.sample(logits, sampled)
         nonfinite = set(sample.nonfinite_rows)
         for j, seq in enumerate(sampled):

@@ -61,7 +61,11 @@ class ModelRunner:
             seq.num_cached[model] += n
         return out
 
+    def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V') -> (B, V): the columns of ids the tokenizer knows (a model's padding rows cut off)."""
+        return logits if logits.shape[-1] == self.vocab_size else logits[:, :self.vocab_size]
+
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
         """(B, V) logits, row i for seqs[i] -> one token per row under each request's sampling."""
-        logits = logits[:, :self.vocab_size]
-        return self.sampler.sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+        return self.sampler.sample(self.vocab_logits(logits), [s.sampling for s in seqs],
+                                   [s.generator for s in seqs])

@@ -37,10 +37,11 @@ from typing import Callable
 POLL_S = 0.002  # how long step() waits for the engine process before it returns nothing (commands go on)
 # The engine process sends its outputs at most this often (and at once when a request starts or ends, or
 # the engine goes idle): each message costs the engine ~0.1 ms here (a pipe write that wakes the server's
-# reader), which a small model's 0.5 ms step would otherwise pay every token. Measured on the demo pair at
-# batch 1: engine-process CPU per token 0.60 / 0.55 ms (small) and 0.91 / 0.85 ms (entropy:1.0) at 1 / 2 ms,
-# against 0.49 / 0.79 in process. Every step is still its own delta; only their delivery is grouped.
-STREAM_INTERVAL_S = 0.002
+# reader, and the caches it leaves cold), which a small model's 0.5 ms step would otherwise pay every token.
+# Driven directly on the demo pair at batch 1 (ms per token, engine process / in process): at 2 ms, small
+# 0.55 / 0.49 and large 2.70 / 2.55; at 5 ms, small 0.52 / 0.48 and large 2.61 / 2.57. 5 ms is a GPU engine's
+# step: a stream reader sees a burst of a few tokens 200 times a second. Every step is still its own delta.
+STREAM_INTERVAL_S = 0.005
 IDLE_REPORT_S = 1.0  # how often an idle engine process reports its state (for /health and /metrics)
 
 
