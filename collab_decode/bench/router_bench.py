@@ -22,9 +22,12 @@ import json
 import time
 from pathlib import Path
 
-from collab_decode.demo.evaluate import evaluate
+import torch
+
 from collab_decode.bench.workload import demo_workload
+from collab_decode.demo.evaluate import evaluate
 from collab_decode.sampling import SamplingParams
+from collab_decode.serve.cli import default_threads
 
 KEEP = 0.97  # of the large model's accuracy
 NEURAL_SWEEP = (0.1, 0.5, 0.9, 0.95, 0.97, 0.975, 0.98, 0.983, 0.986, 0.99)
@@ -105,7 +108,9 @@ def router_cost(engine, policy: str, batch_sizes: tuple[int, ...] = (1, 64), max
     steps (steps where every sequence is decoding one token)."""
     out = {}
     for b in batch_sizes:
-        for prompt in demo_workload(engine.tokenizer, b, 10_000).prompt_ids:
+        prompts = demo_workload(engine.tokenizer, b, 10_000).prompt_ids
+        engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0), policy)  # warm-up at this batch
+        for prompt in prompts:
             engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0), policy)
         route = small = 0.0
         steps = 0
@@ -194,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--speed-problems", type=int, default=10, help="problems per batch-1 speed round")
     parser.add_argument("--speed-rounds", type=int, default=3)
     parser.add_argument("--out", default="docs/results/router")
+    parser.add_argument("--threads", type=int, default=default_threads(),
+                        help=f"torch threads (default: serve's, {default_threads()} here)")
     parser.add_argument("--speed-only", action="store_true",
                         help="keep the accuracy rows of OUT/router_sweep.json; measure speed and router cost again "
                              "(e.g. once the machine is quiet)")
@@ -203,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     from collab_decode.demo import checkpoint_dir
     from collab_decode.engine.loading import build_engine
 
+    torch.set_num_threads(args.threads)  # the server's engine setting: costs measured as served
     start = time.perf_counter()
     out = Path(args.out)
     name = Path(args.router).name
