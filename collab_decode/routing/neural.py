@@ -142,8 +142,8 @@ EXP_SUM_FROM_ROWS = 16
 
 class NeuralRoute(Router):
     """Routes a position when sigmoid(MLP(features)) > threshold, decided on the host as MLP logit >
-    logit(threshold): per step, the gate's one reduction and the MLP on the uncertain rows, each read back
-    once, and nothing else (at batch 1 every torch op costs more than its arithmetic)."""
+    logit(threshold). Per step: the gate over every row and the MLP over the uncertain ones, each read back
+    once, and no other torch op (at batch 1 every op costs more than its arithmetic)."""
 
     def __init__(self, router: LoadedRouter, threshold: float | None = None, large_share: float | None = None):
         self.model = router.frozen
