@@ -36,6 +36,7 @@ from collab_decode.routing import RoutingSpec
 from collab_decode.sampling import SamplingParams
 from collab_decode.serve.engine_core import EngineCoreClient, EngineCoreDied
 from collab_decode.serve.metrics import ServerMetrics
+from collab_decode.serve.waiting import wait_for
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,8 @@ class RequestStream:
         if not timeout_s:
             return await self._request.outputs.get()
         left = self._request.arrival + timeout_s - time.perf_counter()
-        try:
-            return await asyncio.wait_for(self._request.outputs.get(), max(left, 0.0))
+        try:  # not asyncio.wait_for: before Python 3.12 it can drop the cancel of a client gone (waiting.py)
+            return await wait_for(self._request.outputs.get(), left)
         except asyncio.TimeoutError:
             self._engine._abort_request(self._request, outcome="timeout")
             return RequestTimedOut(f"the request ran longer than this server's limit ({timeout_s:g} s)")

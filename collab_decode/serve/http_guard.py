@@ -21,6 +21,7 @@ from typing import Callable
 
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from collab_decode.serve.waiting import wait_for
 
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -78,7 +79,7 @@ class RequestGuard:
         chunks, num_bytes = [], 0
         while True:
             try:
-                message = await asyncio.wait_for(receive(), self.idle_timeout_s)
+                message = await wait_for(receive(), self.idle_timeout_s)
             except asyncio.TimeoutError:
                 return await _reject(send, 408, f"the request body did not arrive within {self.idle_timeout_s} s",
                                      "invalid_request_error", "request_timeout", close=True)

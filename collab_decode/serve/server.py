@@ -26,6 +26,7 @@ from collab_decode.serve.http_guard import header_timeout_protocol
 from collab_decode.serve.limits import Limits, PromptTokenizer
 from collab_decode.serve.openai_api import create_app
 from collab_decode.serve.requests import ServedModel
+from collab_decode.serve.waiting import wait_for
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class Server:
             if left <= 0:
                 break
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._cut_drain.wait(), min(left, 0.05))
+                await wait_for(self._cut_drain.wait(), min(left, 0.05))
 
     async def run_until_signal(self, announce: Callable[["Server"], None] | None = None) -> None:
         """Serve until SIGINT or SIGTERM, then drain and stop; `announce(self)` once listening."""

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from collab_decode.sampling import SamplingParams
-from collab_decode.serve.async_engine import AsyncEngine, EngineBusy, EngineStopped
+from collab_decode.serve.async_engine import AsyncEngine, Delta, EngineBusy, EngineStopped
 from tests.serve.conftest import PROMPT, EngineGate, assert_dropped_by_engine, demo_engine
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
@@ -39,10 +39,10 @@ def decoding(engine) -> bool:
     return any(s.num_output_tokens >= 1 for s in engine.seqs.values())
 
 
-def run(engine, body, max_queue: int = 8):
+def run(engine, body, max_queue: int = 8, request_timeout_s: float = 0.0):
     """Run `body(async_engine)` on a fresh AsyncEngine over `engine`; check every block is free after."""
     async def main():
-        async_engine = AsyncEngine(engine, max_queue)
+        async_engine = AsyncEngine(engine, max_queue, request_timeout_s=request_timeout_s)
         async_engine.start()
         try:
             return await asyncio.wait_for(body(async_engine), timeout=120)
@@ -128,6 +128,38 @@ def test_dropped_stream_is_aborted_in_the_engine(engine, prompt_ids, gate):
         assert ae.num_in_flight == 0
 
     run(engine, body)
+
+
+def test_a_cancel_arriving_with_a_delta_still_ends_the_request(engine, prompt_ids, gate):
+    """A reader is cancelled in the loop iteration in which its next delta arrives (a gRPC client's cancel
+    landing with the engine's delta). The cancellation must win: under a request timeout the stream used
+    asyncio.wait_for, which on Python 3.11 returned the delta and dropped the cancel, so the handler waited
+    for a next delta that never came and the engine never heard the client was gone."""
+    gate.pause(decoding)
+
+    async def body(ae):
+        stream = await ae.add_request(prompt_ids, LONG)
+        (seq,) = await asyncio.to_thread(gate.wait_paused)
+        outputs = stream._request.outputs
+        while not outputs.empty():  # what the engine sent before it paused
+            outputs.get_nowait()
+
+        async def reader():
+            async with stream:  # leaving it aborts the request (as the gRPC handler's does)
+                async for _ in stream:
+                    pass
+
+        task = asyncio.ensure_future(reader())
+        await asyncio.sleep(0.05)  # the reader waits for its next delta
+        outputs.put_nowait(Delta([1], "x", ["small"], [], [], None, False, None, len(prompt_ids), {}))
+        await asyncio.sleep(0)  # the queue's get completes; the reader has not resumed yet
+        task.cancel()
+        await asyncio.wait({task}, timeout=10)
+        assert task.cancelled()
+        await asyncio.to_thread(assert_dropped_by_engine, engine, seq)
+        gate.resume()
+
+    run(engine, body, request_timeout_s=600)
 
 
 def test_a_builder_runs_on_the_engine_thread_and_its_failure_reaches_the_caller(engine, prompt_ids):
