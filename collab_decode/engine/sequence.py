@@ -44,7 +44,7 @@ class SequenceStats:
                 "preemptions": self.num_preemptions, "large_share": self.large_share}
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: `in` and `remove` on the scheduler's lists compare identity
 class Sequence:
     seq_id: int
     prompt_ids: list[int]
