@@ -70,8 +70,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         out = ScheduleOutput(seqs=[], num_new_tokens=[])
         for seq in list(self.running):  # oldest first
-            if seq not in self.running:
-                continue  # preempted earlier in this loop
+            if seq.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop (back to waiting)
             budget = self._schedule_one(seq, budget, out)
         while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             seq = self.waiting[0]
