@@ -1,11 +1,14 @@
-"""The benchmark's human-readable outputs: the Markdown tables, the Pareto plot, the coloured answers."""
+"""The benchmark's files: report.json, and the human-readable ones (the Markdown tables, the Pareto plot,
+the coloured answers)."""
 
 from __future__ import annotations
 
 import html
+import json
+from dataclasses import asdict
 from pathlib import Path
 
-from collab_decode.bench.report import ACCURACY_FLOOR, Run
+from collab_decode.bench.report import ACCURACY_FLOOR, Run, checks
 
 
 def _f(value, fmt: str = "{:.1f}") -> str:
@@ -129,3 +132,16 @@ def answers_html(tokenizer, answers: list[dict]) -> str:
             parts.append(f"<span class='{source}'>{piece}</span>")
         parts.append("</pre>")
     return "".join(parts)
+
+
+def write_report(out: Path, runs: list[Run], meta: dict, answers_page: str | None = None) -> None:
+    """report.json (meta, runs, checks), report.md, pareto.png and, if given, answers.html, in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    found = checks(runs)
+    doc = {"meta": meta, "runs": [asdict(r) for r in runs], "checks": found}
+    (out / "report.json").write_text(json.dumps(doc, indent=1))
+    (out / "report.md").write_text(markdown(runs, found, meta))
+    if any(r.mode == "engine" and r.level == 1 for r in runs):
+        pareto_plot(runs, out / "pareto.png")
+    if answers_page is not None:
+        (out / "answers.html").write_text(answers_page)

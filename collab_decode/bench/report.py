@@ -1,9 +1,9 @@
-"""Benchmark runs -> report.json, report.md, pareto.png, answers.html.
+"""Benchmark runs: the rows of a report, their speedups and bounds, and the checks of the issue.
 
     runs = [make_run(...) per (mode, policy, batch size or concurrency)]   repeats folded into one row
     add_speedups(runs)        speedup against `large` and the bound, both within the same mode and batch
     checks(runs)              the issue's "must show" figures, each with its numbers
-    write_report(out, runs, meta)
+    figures.write_report(out, runs, meta)   the files (bench/figures.py)
 
 speedup = tokens/s / tokens/s of `large` alone (same mode, same batch size or concurrency, same run).
 bound = 1 / (c_small / c_large + large_share), where c_small / c_large = tokens/s of `large` / tokens/s of
@@ -13,10 +13,8 @@ nothing beyond each model's own decode steps and the large model's catch-up were
 
 from __future__ import annotations
 
-import json
 import statistics
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 from collab_decode.bench.measure import Measurement
 from collab_decode.routing import parse_routing
@@ -168,18 +166,3 @@ def checks(runs: list[Run], server_mode: str = "rest") -> list[dict]:
         if server is not None:
             check(f"server ({server_mode}) concurrency {level}, {best1.policy}: speedup", server.speedup, target)
     return out
-
-
-def write_report(out: Path, runs: list[Run], meta: dict, html: str | None = None) -> None:
-    """report.json (meta, runs, checks), report.md, pareto.png and, if given, answers.html, in `out`."""
-    from collab_decode.bench.figures import markdown, pareto_plot
-
-    out.mkdir(parents=True, exist_ok=True)
-    found = checks(runs)
-    doc = {"meta": meta, "runs": [asdict(r) for r in runs], "checks": found}
-    (out / "report.json").write_text(json.dumps(doc, indent=1))
-    (out / "report.md").write_text(markdown(runs, found, meta))
-    if any(r.mode == "engine" and r.level == 1 for r in runs):
-        pareto_plot(runs, out / "pareto.png")
-    if html is not None:
-        (out / "answers.html").write_text(html)

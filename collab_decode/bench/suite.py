@@ -26,7 +26,8 @@ from pathlib import Path
 
 from collab_decode.bench.load import GrpcSender, RestSender, drive_server
 from collab_decode.bench.measure import drive_engine
-from collab_decode.bench.report import Run, add_speedups, best_routed, make_run, write_report
+from collab_decode.bench.figures import write_report
+from collab_decode.bench.report import Run, add_speedups, best_routed, make_run
 from collab_decode.bench.workload import MAX_SOLUTION_TOKENS, demo_workload
 from collab_decode.serve.cli import default_threads
 

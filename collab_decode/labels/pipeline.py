@@ -33,13 +33,25 @@ from collab_decode.labels.progress import Progress
 from collab_decode.labels.queries import Query
 from collab_decode.labels.settings import STAGES, LabelSettings
 from collab_decode.labels.traces import Trace, make_traces
-from collab_decode.labels.verifiers import LABELS, Verdict, Verifier, make_verifier
+from collab_decode.labels.verifiers import LABELS, AnswerVerifier, ExactVerifier, Verdict, Verifier
 
 STAGE_FILES = {"traces": "work/traces/{}.jsonl", "forcing": "work/forcing/{}.safetensors",
                "continuations": "work/continuations/{}.jsonl", "verify": "work/verify/{}.jsonl",
                "dataset": "shards/{}.safetensors"}  # a stage's shard is done when its file exists
 STAGE_ITEMS = {"traces": "traces", "forcing": "traces", "continuations": "branches", "verify": "mismatches",
                "dataset": "shards"}
+
+
+def make_verifier(tokenizer, settings: LabelSettings, queries: dict[int, Query], judge_api_key: str | None = None
+                  ) -> Verifier:
+    """The verifier `settings.verifier` names (the judge's client is only imported when it is asked for)."""
+    if settings.verifier == "answer":
+        return AnswerVerifier(tokenizer, settings, queries)
+    if settings.verifier == "exact":
+        return ExactVerifier(tokenizer, settings, queries)
+    from collab_decode.labels.judge import JudgeVerifier
+
+    return JudgeVerifier(tokenizer, settings, queries, judge_api_key)
 
 
 class LabelRun:

@@ -171,14 +171,3 @@ class ExactVerifier(Verifier):
             reference, candidate = self.steps(branch, trace)
             verdicts.append(Verdict("neutral" if reference == candidate else "divergent"))
         return verdicts
-
-
-def make_verifier(tokenizer, settings: LabelSettings, queries: dict[int, Query], judge_api_key: str | None = None
-                  ) -> Verifier:
-    if settings.verifier == "answer":
-        return AnswerVerifier(tokenizer, settings, queries)
-    if settings.verifier == "exact":
-        return ExactVerifier(tokenizer, settings, queries)
-    from collab_decode.labels.judge import JudgeVerifier
-
-    return JudgeVerifier(tokenizer, settings, queries, judge_api_key)

@@ -9,8 +9,9 @@ from collab_decode.labels.continuations import SKIPPED, Branch
 from collab_decode.labels.queries import Query
 from collab_decode.labels.settings import LabelSettings
 from collab_decode.labels.traces import Trace
+from collab_decode.labels.pipeline import make_verifier
 from collab_decode.labels.verifiers import (AnswerVerifier, ExactVerifier, cut_step, default_checker,
-                                            extract_answer, load_checker, make_verifier, same_answer)
+                                            extract_answer, load_checker, same_answer)
 
 
 @pytest.mark.parametrize("text, answer", [

@@ -39,13 +39,13 @@ SERVE_CANCEL_TESTS = "tests/serve/test_async_engine.py"
 MUTATIONS: list[Mutation] = [
     # ---- routing rules -----------------------------------------------------------------------------
     Mutation("entropy-flipped", "routing", POLICIES,
-             "return entropy(inputs.logits) > self.t", "return entropy(inputs.logits) < self.t",
+             "[h > self.t for h in entropy(", "[h < self.t for h in entropy(",
              (REFERENCE,), "the entropy rule routes the confident tokens instead of the uncertain ones"),
     Mutation("confidence-flipped", "routing", POLICIES,
-             "amax(-1) < self.t", "amax(-1) > self.t",
+             "[p < self.t for p in top1_prob(", "[p > self.t for p in top1_prob(",
              (REFERENCE,), "the confidence rule routes the confident tokens"),
     Mutation("entropy-sign", "routing", POLICIES,
-             "return -(logp.exp() * logp).sum(-1)", "return (logp.exp() * logp).sum(-1)",
+             "return -torch.linalg.vecdot(logp.exp(), logp)", "return torch.linalg.vecdot(logp.exp(), logp)",
              (REFERENCE,), "entropy computed with the wrong sign (never routes)"),
     Mutation("random-flipped", "routing", POLICIES,
              "return torch.tensor(draws) < self.p", "return torch.tensor(draws) >= self.p",
