@@ -36,6 +36,7 @@ import httpx
 
 from collab_decode.demo.task import make_problem
 from collab_decode.serve.grpc_gen import collab_decode_pb2 as pb
+from collab_decode.serve.cli import serving_addresses
 from collab_decode.serve.grpc_gen import collab_decode_pb2_grpc as pb_grpc
 
 MAX_BODY_BYTES = 128 * 1024  # the soak server's body limit: an oversized body is cheap to send
@@ -227,11 +228,11 @@ class ServeProcess:
         self.command = " ".join(args[2:])
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 300
-        while not (m := re.search(r"REST (http://\S+)/v1, gRPC (\S+:\d+)", Path(self.log.name).read_text())):
+        while not (addresses := serving_addresses(Path(self.log.name).read_text())):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not start:\n{Path(self.log.name).read_text()[-3000:]}")
             time.sleep(0.2)
-        self.url, self.grpc_target = m.group(1), m.group(2)
+        self.url, self.grpc_target = addresses
 
     def engine_pid(self) -> int | None:
         """The engine process: the server's child that multiprocessing spawned (not its resource tracker)."""

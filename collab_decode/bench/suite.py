@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import os
 import platform
-import re
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from collab_decode.bench.measure import drive_engine
 from collab_decode.bench.figures import write_report
 from collab_decode.bench.report import Run, add_speedups, best_routed, make_run
 from collab_decode.bench.workload import MAX_SOLUTION_TOKENS, demo_workload
-from collab_decode.serve.cli import default_threads
+from collab_decode.serve.cli import default_threads, serving_addresses
 
 POLICIES = ["small", "large", "entropy:0.3", "entropy:0.6", "entropy:1.0", "entropy:1.5", "entropy:2.0",
             "step-entropy:0.6", "step-entropy:1.2", "step-entropy:2.0", "random:0.05", "random:0.1",
@@ -51,9 +50,9 @@ class ServerProcess:
         lines = []
         for line in self.proc.stdout:  # the first line that names the ports says it is ready
             lines.append(line)
-            m = re.search(r"REST (http://\S+)/v1, gRPC (\S+:\d+)", line)
-            if m:
-                self.url, self.grpc_target = m.group(1), m.group(2)
+            addresses = serving_addresses(line)
+            if addresses:
+                self.url, self.grpc_target = addresses
                 break
         else:
             raise RuntimeError("the server did not start:\n" + "".join(lines[-20:]))

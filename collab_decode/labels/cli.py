@@ -104,10 +104,9 @@ def _label_run(args: argparse.Namespace, worker: int):
     import torch
 
     from collab_decode.engine.loading import resolve_pair
-    from collab_decode.labels.pipeline import LabelRun, file_sha256
+    from collab_decode.labels.pipeline import LabelRun, file_sha256, make_verifier
     from collab_decode.labels.queries import read_queries
     from collab_decode.labels.settings import parse_steps
-    from collab_decode.labels.pipeline import make_verifier
 
     if args.threads:
         torch.set_num_threads(args.threads)

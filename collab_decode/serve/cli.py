@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,16 @@ from collab_decode.serve.server import ServeConfig
 API_KEY_ENV = "COLLAB_DECODE_API_KEY"
 # a pair with no policy named: ~15% large share on the demo pair (docs/results/pair)
 PAIR_DEFAULT_POLICY = "entropy:0.009"
+
+
+_SERVING = re.compile(r"REST (http://\S+)/v1, gRPC (\S+:\d+)")
+
+
+def serving_addresses(text: str) -> tuple[str, str] | None:
+    """(REST base URL, gRPC target) from the line `serve` prints once it listens, if `text` holds it (how
+    the benchmark and the soak find a server started on free ports)."""
+    m = _SERVING.search(text)
+    return (m.group(1), m.group(2)) if m else None
 
 
 def default_threads() -> int:

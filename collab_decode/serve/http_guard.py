@@ -21,6 +21,7 @@ from typing import Callable
 
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
 from collab_decode.serve.waiting import wait_for
 
 REQUEST_ID_HEADER = "x-request-id"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from collab_decode.cli import build_parser, main
-from collab_decode.serve.cli import API_KEY_ENV, resolve_defaults, served_model_name
+from collab_decode.serve.cli import API_KEY_ENV, resolve_defaults, served_model_name, serving_addresses
 from collab_decode.serve.limits import Limits
 from collab_decode.serve.requests import ServedModel
 from collab_decode.serve.server import ServeConfig
@@ -100,6 +100,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
     assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens, c.scheduler.max_model_len) == (5, 77, 100)
     assert "serving 'mine' (default policy entropy:0.5): REST http://0.0.0.0:1234/v1, gRPC 0.0.0.0:4321; " \
            "API key required" in printed
+    assert serving_addresses(printed) == ("http://0.0.0.0:1234", "0.0.0.0:4321")  # what bench and soak read
     # one model, compiled; the API key from the environment; every server default
     server, printed = serve("--model", small, "--compile")
     assert server.config == ServeConfig(api_key="from-env")
