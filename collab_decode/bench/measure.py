@@ -94,7 +94,8 @@ def drive_engine(engine, workload: Workload, policy: str, batch_size: int, num_r
     start = time.perf_counter()
     while next_index < num_requests or in_flight:
         while next_index < num_requests and len(in_flight) < batch_size:
-            in_flight[engine.add_request(workload.request(next_index), sampling, policy)] = next_index
+            seq_id = engine.add_request(workload.request(next_index), sampling, policy, stream_text=False)
+            in_flight[seq_id] = next_index
             sent[next_index] = time.perf_counter()
             next_index += 1
         outputs = engine.step()

@@ -84,7 +84,7 @@ def speed_table(engine, num_prompts: int, policies: list[str]) -> list[dict]:
     for policy in policies:
         num_tokens, seconds, step_total, step_forward, num_steps = 0, 0.0, 0.0, 0.0, 0
         for prompt in prompts:  # batch 1
-            engine.add_request(prompt, sampling, policy)
+            engine.add_request(prompt, sampling, policy, stream_text=False)
             start = time.perf_counter()
             while engine.has_unfinished():
                 for out in engine.step():

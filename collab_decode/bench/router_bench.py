@@ -111,7 +111,8 @@ def router_cost(engine, policy: str, batch_sizes: tuple[int, ...] = (1, 64), max
         prompts = demo_workload(engine.tokenizer, b, 10_000).prompt_ids
         engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0), policy)  # warm-up at this batch
         for prompt in prompts:
-            engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0), policy)
+            engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0), policy,
+                               stream_text=False)
         route = small = 0.0
         steps = 0
         while engine.has_unfinished():

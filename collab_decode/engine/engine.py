@@ -94,14 +94,17 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
-                    routing: str | dict | RoutingSpec | None = None) -> int:
-        """Queue a request; returns its id. Raises ValueError for a request that can never run."""
+                    routing: str | dict | RoutingSpec | None = None, stream_text: bool = True) -> int:
+        """Queue a request; returns its id. Raises ValueError for a request that can never run.
+        `stream_text`: each step's output carries the text of its tokens; False: text comes at the end
+        and whenever the caller asks (`self.output.flush_text`), detokenized a window at a time, unless
+        a stop string or step routing needs it every step."""
         sampling = sampling or SamplingParams()
         spec = parse_routing(routing or self.config.default_policy)
         router = self.router_for(spec)
         seq = Sequence(next(self._ids), list(prompt_ids), sampling, arrival=time.monotonic_ns(), spec=spec,
                        router=router, router_state=router.new_state(sampling.seed) if router else None,
-                       generator=make_generator(sampling.seed, self.backends[SMALL].device))
+                       generator=make_generator(sampling.seed, self.backends[SMALL].device), stream_text=stream_text)
         self._validate(seq)
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
@@ -341,8 +344,7 @@ class Engine:
         for prompt, s, r in zip(prompts, samplings, routings):
             if isinstance(prompt, str):
                 prompt = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            prompt_ids = prompt
-            ids.append(self.add_request(prompt_ids, s, r))
+            ids.append(self.add_request(prompt, s, r, stream_text=False))  # the text is read at the end
         results: dict[int, Generation] = {}
         while len(results) < n:
             for out in self.step():

@@ -3,6 +3,8 @@
     OutputProcessor.append(seq, token, source, sample, row)   token, provenance, logprobs
     OutputProcessor.stop_reason(seq)                           EOS / stop token / max_tokens / context
     OutputProcessor.postprocess(seq, num_new) -> RequestOutput detokenize, stop strings, step ends, finish
+    OutputProcessor.flush_text(seq) -> str                     text not yet sent, of a sequence that does
+                                                               not stream text (seq.stream_text False)
     OutputProcessor.fail(seq, message) -> RequestOutput        it cannot go on: end it with an error
 
 Token-level steps and speculative verification both commit through these.
@@ -151,7 +153,9 @@ class OutputProcessor:
     def postprocess(self, seq: Sequence, num_new: int) -> RequestOutput:
         """After a step committed num_new tokens: detokenize, apply stop strings, track step ends, finish."""
         reason = self.stop_reason(seq)
-        new_text, stopped = self.detokenizer.update(seq, final=reason is not None)
+        new_text, stopped = "", False
+        if reason is not None or seq.stream_text or seq.sampling.stop or seq.mode == "step":
+            new_text, stopped = self.detokenizer.update(seq, final=reason is not None)
         if stopped:
             reason = "stop"
         if seq.mode == "step" and self._ends_step(seq):
@@ -159,6 +163,11 @@ class OutputProcessor:
         if reason is not None:
             self.finish(seq, reason)
         return make_output(seq, num_new, new_text)
+
+    def flush_text(self, seq: Sequence) -> str:
+        """The text of an unfinished sequence's tokens not yet in an output's new_text (a sequence that does
+        not stream text is detokenized here, a window of several tokens at once, when its caller sends)."""
+        return self.detokenizer.update(seq)[0]
 
     def fail(self, seq: Sequence, message: str) -> RequestOutput:
         """End a request that cannot go on (a BackendError, non-finite logits, an error of its own while

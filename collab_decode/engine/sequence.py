@@ -68,6 +68,9 @@ class Sequence:
     output_text: str = ""  # detokenized output emitted so far, truncated at a stop string
     decoded_text: str = ""  # everything detokenized so far (may run ahead of output_text)
     detok_offsets: tuple[int, int] = (0, 0)  # output tokens [prefix, read): the incremental decode window
+    # detokenize at every step (an in-process stream reads each output's text); False: only when a stop string
+    # or a step's end needs the text, at the end, and when the caller asks (OutputProcessor.flush_text)
+    stream_text: bool = True
     stats: SequenceStats = field(default_factory=SequenceStats)
     generator: Any = None  # torch.Generator of a seeded request
 

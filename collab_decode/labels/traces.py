@@ -39,7 +39,8 @@ def decode_greedy(engine, prompts: list[list[int]], max_tokens: list[int], stop:
     index = {}  # engine seq id -> prompt index
     for i, (prompt, m) in enumerate(zip(prompts, max_tokens)):
         if m >= 1:
-            index[engine.add_request(prompt, SamplingParams(max_tokens=m, temperature=0.0, stop=stop), "large")] = i
+            sampling = SamplingParams(max_tokens=m, temperature=0.0, stop=stop)
+            index[engine.add_request(prompt, sampling, "large", stream_text=False)] = i
     num_left = len(index)
     while num_left:
         for out in engine.step():

@@ -310,7 +310,8 @@ class _Core:
                 self.conn.send(("state", EngineState.of(self.engine)))  # /metrics sees the blocks freed
                 continue
             try:
-                self.conn.send(("added", self.engine.add_request(*payload), None))
+                # text is detokenized when outputs are sent (below), a few tokens at a time
+                self.conn.send(("added", self.engine.add_request(*payload, stream_text=False), None))
             except Exception as e:  # ValueError: the request's fault (HTTP 400); anything else is reported
                 self.conn.send(("added", None, _picklable(e)))
         return True
@@ -323,8 +324,18 @@ class _Core:
         self.pending_seconds.append(now - start)
         starts_or_ends = any(out.finished or out.seq.num_output_tokens == len(out.new_token_ids) for out in outputs)
         if now - self.last_sent >= STREAM_INTERVAL_S or starts_or_ends or not self.engine.has_unfinished():
+            self._add_text()
             self.conn.send(("step", self.pending, EngineState.of(self.engine), self.pending_seconds))
             self.pending, self.pending_seconds, self.last_sent = [], [], now
+
+    def _add_text(self) -> None:
+        """Give each unfinished sequence's last pending output the text of its tokens not yet detokenized
+        (the engine detokenizes these sequences only at their end or when a stop rule needs the text)."""
+        last = {out.seq_id: out for out in self.pending}
+        for seq_id, out in last.items():
+            seq = self.engine.seqs.get(seq_id)
+            if seq is not None and not out.finished:
+                out.new_text += self.engine.output.flush_text(seq)
 
     def _output(self, out) -> CoreOutput:
         seq, n = out.seq, len(out.new_token_ids)

@@ -125,3 +125,37 @@ def test_streamed_deltas_add_up_to_the_final_output(demo):
     assert finals[ids[2]].finish_reason == finals[ids[4]].finish_reason == "stop"  # cut by `stop`
     assert "large" in finals[ids[5]].provenance and "small" in finals[ids[5]].provenance
     check_all_free(engine)
+
+
+def test_text_that_is_not_streamed_comes_at_flushes_and_at_the_end(demo):
+    """stream_text=False (the engine process, generate, the benchmarks): outputs carry no text until the
+    caller flushes or the request ends, except where a stop string needs the text every step; flushed
+    pieces and the final output add up to the same text as a streamed request's, the tokens unchanged."""
+    engine, prompt, reference = demo
+    text = decode(engine, reference)
+    stop = text.splitlines()[3][-5:]
+    requests = [(greedy(), "small"), (greedy(stop=(stop,)), "small"), (greedy(150), "entropy:0.3"),
+                (greedy(stop=(NEVER,)), "speculative:3")]
+    streamed_ids = [engine.add_request(prompt, s, policy) for s, policy in requests]
+    quiet_ids = [engine.add_request(prompt, s, policy, stream_text=False) for s, policy in requests]
+    pieces = {i: [] for i in streamed_ids + quiet_ids}
+    finals, step = {}, 0
+    while engine.has_unfinished():
+        step += 1
+        for out in engine.step():
+            pieces[out.seq_id].append(out.new_text)
+            if out.finished:
+                finals[out.seq_id] = out.seq
+            elif out.seq_id == quiet_ids[0] and step < 100:
+                assert out.new_text == ""  # no stop string: nothing detokenized yet
+        if step % 7 == 0:  # the engine process flushes every few milliseconds
+            for i in quiet_ids[2:]:
+                if i not in finals:
+                    pieces[i].append(engine.output.flush_text(engine.seqs[i]))
+    for streamed, quiet in zip(streamed_ids, quiet_ids):
+        assert finals[quiet].output_ids == finals[streamed].output_ids
+        assert "".join(pieces[quiet]) == finals[quiet].output_text == finals[streamed].output_text
+    assert finals[quiet_ids[0]].output_text == text and pieces[quiet_ids[0]][-1] == text  # all at the end
+    assert finals[quiet_ids[1]].output_text == text[:text.index(stop)]  # the stop string still cuts it
+    assert sum(bool(p) for p in pieces[quiet_ids[2]]) > 2  # the flushes delivered text before the end
+    check_all_free(engine)
