@@ -20,7 +20,7 @@ serve: setup
 	$(VENV)/bin/collab-decode serve --pair demo
 
 generate: setup
-	$(VENV)/bin/collab-decode generate --pair demo --policy entropy:0.009 --prompt "Ann has 352 marbles. (a) She finds 179 more. (b) Then she gives away 86. How many marbles does Ann have now?" --chat
+	$(VENV)/bin/collab-decode generate --pair demo --policy neural --prompt "Ann has 352 marbles. (a) She finds 179 more. (b) Then she gives away 86. How many marbles does Ann have now?" --chat
 
 test: setup
 	$(VENV)/bin/ruff check collab_decode tests tools

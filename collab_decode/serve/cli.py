@@ -11,11 +11,15 @@ import re
 import sys
 from pathlib import Path
 
+from collab_decode.pairs import pair_routers
 from collab_decode.serve.limits import Limits
 from collab_decode.serve.server import ServeConfig
 
 API_KEY_ENV = "COLLAB_DECODE_API_KEY"
-# a pair with no policy named: ~15% large share on the demo pair (docs/results/pair)
+# a pair with a neural router (the demo pair's shipped one, or --router): its calibrated threshold, on the
+# README's question 2.8% large share, right (router_models/demo/README.md)
+ROUTED_DEFAULT_POLICY = "neural"
+# a pair without one: ~15% large share on the demo pair, a cautious rule (docs/results/pair)
 PAIR_DEFAULT_POLICY = "entropy:0.009"
 
 
@@ -48,8 +52,9 @@ def add_serve_parser(sub) -> None:
     add_engine_args(serve)
     policy = serve._option_string_actions["--default-policy"]
     policy.default = None
-    policy.help = (f"routing policy for requests that name none (default: {PAIR_DEFAULT_POLICY} for a pair, "
-                   "small for one model)")
+    policy.help = (f"routing policy for requests that name none (default: {ROUTED_DEFAULT_POLICY} for a pair "
+                   f"with a neural router, as the demo pair, {PAIR_DEFAULT_POLICY} for a pair without one, small "
+                   "for one model)")
     serve._option_string_actions["--pair"].help = "a shipped pair by name (default: demo, unless --model or " \
                                                    "--small/--large is given)"
     s = serve.add_argument_group("server")
@@ -104,7 +109,11 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if not (args.pair or args.model or args.small or args.large):
         args.pair = "demo"  # with --large-url alone: the demo small model beside the remote large one
     if args.default_policy is None:
-        args.default_policy = "small" if args.model else PAIR_DEFAULT_POLICY
+        if args.model:
+            args.default_policy = "small"
+        else:
+            has_router = bool(args.router or pair_routers(args.pair))
+            args.default_policy = ROUTED_DEFAULT_POLICY if has_router else PAIR_DEFAULT_POLICY
     return args
 
 

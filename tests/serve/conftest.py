@@ -27,7 +27,7 @@ from collab_decode.serve.limits import Limits
 from collab_decode.serve.requests import ServedModel
 from collab_decode.serve.server import Server, ServeConfig
 
-DEFAULT_POLICY = "entropy:0.009"  # what `collab-decode serve --pair demo` routes by
+DEFAULT_POLICY = "entropy:0.009"  # the test servers' default: a routed policy, ~15% large share on the demo task
 API_KEY = "test-key"
 PROMPT = "Ann has 352 marbles. (a) She finds 179 more. How many marbles does Ann have now?"
 

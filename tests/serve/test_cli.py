@@ -24,10 +24,15 @@ from tests.utils import make_pair
 def test_serve_flags_and_defaults():
     args = resolve_defaults(build_parser().parse_args(["serve"]))
     assert (args.pair, args.host, args.port, args.grpc_port) == ("demo", "127.0.0.1", 8000, 50051)
-    assert args.default_policy == "entropy:0.009" and args.api_key is None and args.max_queue == 256
+    # the demo pair ships a neural router: it routes by default
+    assert args.default_policy == "neural" and args.api_key is None and args.max_queue == 256
     assert served_model_name(args) == "demo"
     args = resolve_defaults(build_parser().parse_args(["serve", "--small", "/m/tiny", "--large", "/m/big"]))
     assert args.pair is None and served_model_name(args) == "tiny+big"
+    assert args.default_policy == "entropy:0.009"  # no router for this pair
+    args = resolve_defaults(build_parser().parse_args(["serve", "--small", "/m/tiny", "--large", "/m/big",
+                                                       "--router", "mine=/r/mine"]))
+    assert args.default_policy == "neural"
     args = resolve_defaults(build_parser().parse_args(["serve", "--model", "/m/one", "--max-queue", "4"]))
     assert args.default_policy == "small" and served_model_name(args) == "one" and args.max_queue == 4
 
@@ -114,7 +119,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
         server, printed = serve(*args)
         assert server.model == ServedModel(name="demo", small_dir=str(checkpoint_dir("small")),
                                            large_dir=str(checkpoint_dir("large")))
-        assert server.config == ServeConfig() and server.engine.config.default_policy == "entropy:0.009"
+        assert server.config == ServeConfig() and server.engine.config.default_policy == "neural"
         assert "; API key required" not in printed
 
 
@@ -148,7 +153,15 @@ def test_serve_process_answers_and_stops_on_sigterm():
         assert httpx.get(f"{url}/health", timeout=30).json() == {"status": "ok"}
         assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401  # the key came from the environment
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k"}, timeout=30).json()
-        assert models["data"][0]["id"] == "demo" and models["data"][0]["default_policy"] == "entropy:0.009"
+        assert models["data"][0]["id"] == "demo" and models["data"][0]["default_policy"] == "neural"
+        # a request that names no routing gets the shipped router: the README's question, right, mostly small
+        question = ("Ann has 352 marbles. (a) She finds 179 more. (b) Then she gives away 86. How many marbles "
+                    "does Ann have now?")
+        answer = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": "Bearer k"}, timeout=60, json={
+            "model": "demo", "max_tokens": 256, "temperature": 0,
+            "messages": [{"role": "user", "content": question}]}).json()
+        assert answer["choices"][0]["message"]["content"].endswith("So the answer is 445.")
+        assert 0 < answer["usage"]["large_tokens"] < 0.1 * answer["usage"]["completion_tokens"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
