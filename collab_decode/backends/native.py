@@ -82,7 +82,7 @@ class NativeBackend:
             last_hidden, logits = self._compiled(input_ids, cos, sin, self.cache, meta)
             return ModelOutput(logits=logits.float(), hidden=last_hidden)
         hidden = self.model(input_ids, cos, sin, self.cache, meta)  # (T, hidden)
-        last_hidden = hidden[last_idx]  # (B, hidden)
+        last_hidden = hidden if meta.only_decodes else hidden[last_idx]  # (B, hidden): one token each, its last
         out = ModelOutput(logits=self.model.logits(last_hidden).float(), hidden=last_hidden)
         start = 0
         for chunk, n in zip(batch.chunks, chunk_lens):
@@ -134,6 +134,8 @@ class NativeBackend:
             slots.extend([0] * n)  # filled from prefill_slots below
             prefill_slots.append((start, table[pos // block_size] * block_size + pos % block_size))
             prefills.append(PrefillChunk(start, start + n, chunk.num_cached, table.to(self.device)))
+        if not prefills:  # the usual step, every sequence decoding: one host-to-device build
+            return self._prepare_decodes(ids, positions, slots, decode_tables, decode_lens)
         slot_mapping = torch.tensor(slots, dtype=torch.int64)
         for start, chunk_slots in prefill_slots:
             slot_mapping[start:start + len(chunk_slots)] = chunk_slots
@@ -141,22 +143,44 @@ class NativeBackend:
                                  decode_block_tables=None, decode_mask=None, prefills=prefills)
         if decode_rows:
             self._prepare_decode(meta, decode_rows, decode_tables, decode_lens)
-            meta.only_decodes = not prefills
         device = self.device
         return (torch.tensor(ids, dtype=torch.int64, device=device), torch.tensor(positions, device=device), meta,
                 torch.tensor(last_idx, dtype=torch.int64, device=device), seq_lens)
 
+    def _prepare_decodes(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+                         seq_lens: list[int]):
+        """prepare_inputs of a batch whose every sequence decodes one token: ids, positions, slots, rows and
+        block tables are views of one int64 tensor (at batch 1 each tensor built costs more than its data)."""
+        n = len(ids)
+        max_blocks = max(len(t) for t in tables)
+        padded = [b for t in tables for b in _pad_table(t, max_blocks)]
+        flat = torch.tensor(ids + positions + slots + list(range(n)) + padded, dtype=torch.int64, device=self.device)
+        rows = flat[3 * n:4 * n]  # token i is sequence i's, and its last
+        meta = AttentionMetadata(slot_mapping=flat[2 * n:3 * n], decode_token_idx=rows,
+                                 decode_block_tables=flat[4 * n:].view(n, max_blocks), decode_mask=None, prefills=[],
+                                 only_decodes=True)
+        self._decode_lengths(meta, max_blocks, seq_lens)
+        return flat[:n], flat[n:2 * n], meta, rows, seq_lens
+
     def _prepare_decode(self, meta: AttentionMetadata, rows: list[int], tables: list[list[int]],
                         seq_lens: list[int]) -> None:
         max_blocks = max(len(t) for t in tables)
-        # pad with the sequence's own last block, never another's: masked keys still meet their values as
-        # 0 * value, and another sequence's NaN would come through as NaN
-        padded = torch.tensor([t + t[-1:] * (max_blocks - len(t)) for t in tables], dtype=torch.int64)
+        padded = torch.tensor([_pad_table(t, max_blocks) for t in tables], dtype=torch.int64)
         meta.decode_token_idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
         meta.decode_block_tables = padded.to(self.device)
+        self._decode_lengths(meta, max_blocks, seq_lens)
+
+    def _decode_lengths(self, meta: AttentionMetadata, max_blocks: int, seq_lens: list[int]) -> None:
+        """The decoding sequences' lengths: one common length, or a key mask where they differ."""
         if min(seq_lens) == max(seq_lens):
             meta.decode_len = seq_lens[0]
             return
         key_pos = torch.arange(max_blocks * self.cache.block_size)
         mask = key_pos[None, :] < torch.tensor(seq_lens)[:, None]  # (Bd, L)
         meta.decode_mask = mask[:, None, None, :].to(self.device)
+
+
+def _pad_table(table: list[int], num_blocks: int) -> list[int]:
+    """A block table padded to num_blocks with the sequence's own last block, never another's: masked keys
+    still meet their values as 0 * value, and another sequence's NaN would come through as NaN."""
+    return table + table[-1:] * (num_blocks - len(table))

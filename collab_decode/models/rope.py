@@ -47,13 +47,15 @@ class RotaryEmbedding:
     def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype):
         self.config, self.device, self.dtype = config, device, dtype
         self.dynamic = config.rope.type == "dynamic"
-        self.cos_table = self.sin_table = None
+        self.table = None  # static variants: (L, 1, 2D), cos then signed sin per position
         if not self.dynamic:
             self._build_table(config.max_position_embeddings)
 
     def _build_table(self, length: int) -> None:
         angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq(self.config))  # (L, D/2)
-        self.cos_table, self.sin_table = self._cos_sin(angles)
+        # one table, so a forward looks its positions up with one index op (at batch 1 an op costs more
+        # than its work), then takes cos and sin as views
+        self.table = torch.cat(self._cos_sin(angles), dim=-1)
 
     def _cos_sin(self, angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, D/2) angles -> cos, signed sin (N, 1, D): the layout apply_rope takes."""
@@ -70,9 +72,11 @@ class RotaryEmbedding:
         sync). The sin's first half is negated (see apply_rope)."""
         if not self.dynamic:
             last = max(seq_lens, default=0) - 1  # the furthest position in the batch
-            if last >= self.cos_table.shape[0]:
+            if last >= self.table.shape[0]:
                 self._build_table(2 * last + 1)  # beyond max_position_embeddings
-            return self.cos_table[positions], self.sin_table[positions]
+            both = self.table[positions]  # (T, 1, 2D)
+            dim = both.shape[-1] // 2
+            return both[..., :dim], both[..., dim:]
         freqs = torch.cat([inv_freq(self.config, n).expand(c, -1) for n, c in zip(seq_lens, chunk_lens)])
         angles = positions.float().cpu()[:, None] * freqs  # (T, D/2)
         return self._cos_sin(angles)
