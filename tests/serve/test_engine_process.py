@@ -5,6 +5,8 @@ that cannot be built fails the server's start with its error."""
 
 from __future__ import annotations
 
+import json
+
 import time
 
 import grpc
@@ -45,6 +47,9 @@ def test_answers_equal_the_engine_rest_and_grpc(served, reference_engine):
     with httpx.stream("POST", f"{served.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
         streamed = [line for line in r.iter_lines() if line.startswith("data: {")]
     assert len(streamed) > 2  # one chunk per step
+    # the engine process detokenizes when it sends: text comes with the tokens, from the first chunk on
+    texts = [json.loads(line[len("data: "):])["choices"][0]["text"] for line in streamed]
+    assert "".join(texts) == want.output_text and texts[0]  # (the first token is sent at once)
     with grpc.insecure_channel(served.grpc_target) as channel:
         stub = pb_grpc.CollabDecodeStub(channel)
         request = pb.GenerateRequest(text=PROMPT, routing="entropy:0.6",

@@ -171,6 +171,19 @@ MUTATIONS: list[Mutation] = [
              "index = text_so_far.find(s, max(0, new_text_start - (len(s) - 1)))",
              "index = text_so_far.find(s, new_text_start)",
              (SAMPLING_TESTS, OUTPUT_TESTS), "a stop string split across two tokens is missed"),
+    Mutation("stop-strings-only-at-the-end", "stop", OUTPUT,
+             "if reason is not None or seq.stream_text or seq.sampling.stop or",
+             "if reason is not None or seq.stream_text or",
+             (OUTPUT_TESTS,), "a request that does not stream text (generate, the engine process) checks its stop "
+                              "strings only once it ends: it runs past them"),
+    Mutation("step-ends-unseen-without-text", "stop", OUTPUT,
+             ' or seq.sampling.stop or seq.mode == "step":', " or seq.sampling.stop:",
+             ("tests/engine/test_routing.py",), "step routing without streamed text never sees a step end: the first "
+                                                "step's owner writes the whole answer"),
+    Mutation("engine-process-text-only-at-the-end", "serve", "collab_decode/serve/engine_core.py",
+             "                out.new_text += self.engine.output.flush_text(seq)", "                pass",
+             ("tests/serve/test_engine_process.py",), "the engine process sends a request's text only with its last "
+                                                      "output: a stream shows nothing until the end"),
     # ---- abort paths ---------------------------------------------------------------------------------
     Mutation("engine-abort-keeps-blocks", "abort", ENGINE,
              '            self._finish(seq, "abort")',
@@ -261,7 +274,7 @@ MUTATIONS: list[Mutation] = [
              "            self._clear_blocks(seq)", "            pass",
              (ISOLATION_TESTS,), "a failed request's NaN K/V stays in the blocks the next requests get"),
     Mutation("decode-padded-with-block-0", "isolation", "collab_decode/backends/native.py",
-             "t + t[-1:] * (max_blocks - len(t))", "t + [0] * (max_blocks - len(t))",
+             "table + table[-1:] * (num_blocks - len(table))", "table + [0] * (num_blocks - len(table))",
              ("tests/models/test_parity.py::test_decode_padding_never_reads_another_sequences_blocks",),
              "short decode tables padded with another sequence's block: its NaN reaches the batch"),
     Mutation("router-error-fails-the-step", "isolation", ENGINE,
