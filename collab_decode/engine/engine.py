@@ -34,7 +34,8 @@ import torch
 
 from collab_decode.backends.base import Backend, BackendError, unavailable_reason
 from collab_decode.engine.config import EngineConfig
-from collab_decode.engine.output import OutputProcessor, RequestOutput, internal_error, nonfinite_error
+from collab_decode.engine.output import (Failure, OutputProcessor, RequestOutput, internal_error, nonfinite_error,
+                                         upstream_error)
 from collab_decode.engine.runner import ModelRunner, StepTimes
 from collab_decode.engine.scheduler import Scheduler, ScheduleOutput
 from collab_decode.engine.sequence import LARGE, SMALL, Sequence
@@ -285,7 +286,7 @@ class Engine:
         except BackendError as e:  # e.g. the remote endpoint is down: end the requests it names
             for seq in seqs:
                 proposals.pop(seq.seq_id, None)  # the others write this token next step
-            return [self.output.fail(s, e.errors[s.seq_id]) for s in seqs if s.seq_id in e.errors]
+            return [self.output.fail(s, upstream_error(e.errors[s.seq_id])) for s in seqs if s.seq_id in e.errors]
         for seq, backlog, catchup in zip(routed, backlogs, catching_up):
             seq.stats.num_catchup_tokens += backlog - 1 if catchup else 0
             seq.stats.num_large_calls += 1
@@ -380,7 +381,7 @@ class Proposal:
     row: int = 0  # row of that SampleOutput
     routed: bool = False  # the large model writes this token
     source: str = SMALL
-    error: str | None = None  # why this request fails this step (postprocess ends it instead of committing)
+    error: Failure | None = None  # why this request fails this step (postprocess ends it instead of committing)
 
 
 @dataclass

@@ -5,7 +5,7 @@
     OutputProcessor.postprocess(seq, num_new) -> RequestOutput detokenize, stop strings, step ends, finish
     OutputProcessor.flush_text(seq) -> str                     text not yet sent, of a sequence that does
                                                                not stream text (seq.stream_text False)
-    OutputProcessor.fail(seq, message) -> RequestOutput        it cannot go on: end it with an error
+    OutputProcessor.fail(seq, failure) -> RequestOutput        it cannot go on: end it with an error
 
 Token-level steps and speculative verification both commit through these.
 """
@@ -98,14 +98,35 @@ def record_prompt_logprobs(seq: Sequence, start: int, logits: torch.Tensor) -> N
         seq.prompt_logprobs.append((lp, rank, list(zip(ids, lps))))
 
 
-def nonfinite_error(model: str) -> str:
-    """Why a request fails whose next-token logits hold NaN or inf (a numerical fault of the model on it)."""
-    return f"the {model} model's logits for this request are not finite (NaN or inf): it cannot go on"
+# what kind of failure ended a request (Failure.code; the server's status follows it)
+MODEL_ERROR = "model_error"  # a model computed something unusable for it (non-finite logits): retrying will not help
+INTERNAL_ERROR = "internal_error"  # the engine raised on it (a router, a stop rule): a fault of the server
+UPSTREAM_ERROR = "upstream_error"  # a backend could not run it (a remote endpoint down or refusing): may pass later
 
 
-def internal_error(doing: str, seq_id: int) -> str:
-    """Why a request fails that raised while the engine was {doing} it (the traceback goes to the log only)."""
-    return f"internal error while {doing} this request (sequence {seq_id}); the server logged the details"
+@dataclass(frozen=True)
+class Failure:
+    """Why a request ends with finish reason "error": the message its client reads, and its kind."""
+
+    message: str
+    code: str
+
+
+def nonfinite_error(model: str) -> Failure:
+    """A request whose next-token logits hold NaN or inf (a numerical fault of the model on it)."""
+    return Failure(f"the {model} model's logits for this request are not finite (NaN or inf): it cannot go on",
+                   MODEL_ERROR)
+
+
+def internal_error(doing: str, seq_id: int) -> Failure:
+    """A request that raised while the engine was {doing} it (the traceback goes to the log only)."""
+    return Failure(f"internal error while {doing} this request (sequence {seq_id}); the server logged the details",
+                   INTERNAL_ERROR)
+
+
+def upstream_error(message: str) -> Failure:
+    """A request a backend could not run (BackendError's message for it)."""
+    return Failure(message, UPSTREAM_ERROR)
 
 
 def make_output(seq: Sequence, num_new: int, new_text: str) -> RequestOutput:
@@ -169,10 +190,11 @@ class OutputProcessor:
         not stream text is detokenized here, a window of several tokens at once, when its caller sends)."""
         return self.detokenizer.update(seq)[0]
 
-    def fail(self, seq: Sequence, message: str) -> RequestOutput:
+    def fail(self, seq: Sequence, failure: Failure) -> RequestOutput:
         """End a request that cannot go on (a BackendError, non-finite logits, an error of its own while
-        routing or committing): finish reason "error", seq.error says why, blocks freed."""
-        seq.error = message
+        routing or committing): finish reason "error", seq.error says why (seq.error_code: its kind), blocks
+        freed."""
+        seq.error, seq.error_code = failure.message, failure.code
         self.finish(seq, "error")
         return make_output(seq, 0, "")
 

@@ -65,6 +65,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None  # why the request failed (finish reason "error"), e.g. the large model's endpoint is down
+    error_code: str | None = None  # its kind (engine/output.py: MODEL_ERROR, INTERNAL_ERROR, UPSTREAM_ERROR)
     output_text: str = ""  # detokenized output emitted so far, truncated at a stop string
     decoded_text: str = ""  # everything detokenized so far (may run ahead of output_text)
     detok_offsets: tuple[int, int] = (0, 0)  # output tokens [prefix, read): the incremental decode window

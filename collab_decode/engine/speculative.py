@@ -17,7 +17,7 @@ import logging
 import torch
 
 from collab_decode.backends.base import BackendError
-from collab_decode.engine.output import OutputProcessor, RequestOutput, internal_error, nonfinite_error
+from collab_decode.engine.output import OutputProcessor, RequestOutput, internal_error, nonfinite_error, upstream_error
 from collab_decode.engine.runner import ModelRunner
 from collab_decode.engine.scheduler import Scheduler
 from collab_decode.engine.sequence import LARGE, SMALL, Sequence, Status
@@ -135,7 +135,7 @@ def _abandon_drafts(scheduler: Scheduler, output: OutputProcessor, seqs: list[Se
     for seq, n0 in zip(seqs, base):
         del seq.token_ids[n0:]
         scheduler.truncate(seq, SMALL, min(seq.num_cached[SMALL], n0 - 1))
-    return [output.fail(s, error.errors[s.seq_id]) for s in seqs if s.seq_id in error.errors]
+    return [output.fail(s, upstream_error(error.errors[s.seq_id])) for s in seqs if s.seq_id in error.errors]
 
 
 def _commit(scheduler: Scheduler, output: OutputProcessor, seq: Sequence, committed: list[int], num_kept: int,

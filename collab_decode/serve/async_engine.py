@@ -32,6 +32,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
+from collab_decode.engine.output import INTERNAL_ERROR, MODEL_ERROR
 from collab_decode.routing import RoutingSpec
 from collab_decode.sampling import SamplingParams
 from collab_decode.serve.engine_core import EngineCoreClient, EngineCoreDied
@@ -46,9 +47,10 @@ class EngineBusy(Exception):
 
 
 class RequestFailed(RuntimeError):
-    """The request ended without finishing: it failed in the engine on its own (a model could not run it, e.g.
-    the large model's endpoint is down; its logits were NaN; a router raised on it: the server serves everyone
-    else) or the engine stopped. HTTP 503, gRPC UNAVAILABLE. `code`: the error body's machine-readable kind."""
+    """The request ended without finishing: it failed in the engine on its own (the server serves everyone
+    else) or the engine stopped. `code`: the error body's machine-readable kind. Its own fault of the server
+    (`server_fault`: a model's logits were NaN, a router raised on it) is HTTP 500, gRPC INTERNAL; a model
+    that could not run it (the large model's endpoint is down) or a stopped engine, HTTP 503, gRPC UNAVAILABLE."""
 
     code: str | None = None
 
@@ -56,6 +58,11 @@ class RequestFailed(RuntimeError):
         super().__init__(message)
         if code is not None:
             self.code = code
+
+    @property
+    def server_fault(self) -> bool:
+        """The server could not compute this request; asking again will not help."""
+        return self.code in (MODEL_ERROR, INTERNAL_ERROR)
 
 
 class EngineStopped(RequestFailed):
@@ -361,7 +368,7 @@ class AsyncEngine:
             if request is None:
                 continue  # aborted meanwhile
             if out.finish_reason == "error":  # it failed on its own: fail it, keep serving the rest
-                deliveries.append((request, RequestFailed(out.seq.error)))
+                deliveries.append((request, RequestFailed(out.seq.error, out.seq.error_code)))
             else:
                 deliveries.append((request, self._delta(request, out)))
             if out.finished:

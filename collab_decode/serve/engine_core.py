@@ -95,6 +95,7 @@ class CoreOutput:
     prompt_logprobs: list | None  # with a request's first output, if it asked
     stats: dict  # SequenceStats.as_dict()
     error: str | None
+    error_code: str | None
     seq: "SeqMirror | None" = None
 
 
@@ -117,13 +118,14 @@ class SeqMirror:
     prompt_logprobs: list = field(default_factory=list)
     stats: _Stats = field(default_factory=lambda: _Stats({}))
     error: str | None = None
+    error_code: str | None = None
 
     def update(self, out: CoreOutput) -> None:
         self.logprobs += out.new_logprobs
         self.top_logprobs += out.new_top_logprobs
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
-        self.stats, self.error = _Stats(out.stats), out.error
+        self.stats, self.error, self.error_code = _Stats(out.stats), out.error, out.error_code
 
 
 # ---- server side -----------------------------------------------------------------------------------
@@ -348,7 +350,7 @@ class _Core:
         return CoreOutput(out.seq_id, list(out.new_token_ids), out.new_text, list(out.new_provenance), out.finished,
                           out.finish_reason, seq.logprobs[len(seq.logprobs) - n:] if seq.logprobs else [],
                           seq.top_logprobs[len(seq.top_logprobs) - n:] if seq.top_logprobs else [],
-                          prompt_logprobs, seq.stats.as_dict(), seq.error)
+                          prompt_logprobs, seq.stats.as_dict(), seq.error, seq.error_code)
 
 
 def _picklable(e: BaseException) -> BaseException:

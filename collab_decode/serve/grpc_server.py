@@ -238,7 +238,9 @@ async def _or_unavailable(awaitable, context):
 
 
 def _failed_status(e: RequestFailed) -> grpc.StatusCode:
-    return grpc.StatusCode.DEADLINE_EXCEEDED if isinstance(e, RequestTimedOut) else grpc.StatusCode.UNAVAILABLE
+    if isinstance(e, RequestTimedOut):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.INTERNAL if e.server_fault else grpc.StatusCode.UNAVAILABLE
 
 
 def _version() -> str:

@@ -65,7 +65,7 @@ def create_app(engine: AsyncEngine, model: ServedModel, tokenizer, api_key: str 
     key = [Depends(routes.check_key)]
     _add_docs(app, key)
     generation = {200: {"description": "the completion (JSON), or with `stream` its server-sent events",
-                        "content": {"text/event-stream": {}}}, **_errors(400, 401, 408, 413, 429, 503, 504)}
+                        "content": {"text/event-stream": {}}}, **_errors(400, 401, 408, 413, 429, 500, 503, 504)}
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"], dependencies=key, responses=generation)
     app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"], dependencies=key,
                       responses=generation)
@@ -86,7 +86,10 @@ _ERROR_MEANINGS = {
     408: "the request body stopped arriving (idle timeout)",
     413: "the request body is larger than the server takes",
     429: "the server is at capacity (max_queue); retry after `Retry-After` seconds",
-    503: "the server is shutting down, or its engine stopped",
+    500: "the server could not compute this request (`code` model_error: a model's logits were not finite; "
+         "internal_error: the engine raised on it); asking again will not help",
+    503: "the server is shutting down, or its engine stopped, or the large model's endpoint could not run this "
+         "request (`code` upstream_error)",
     504: "the request ran past the server's request timeout",
 }
 
@@ -289,7 +292,7 @@ async def _events(streams: list[RequestStream], head: dict, make_choice, include
                         chunk["usage"] = protocol.usage(choices, n)
                     yield _event(chunk)
         except RequestFailed as e:  # shutdown, timeout, a model that could not run it: said in the stream
-            yield _event(error_body(str(e), "server_error", code=getattr(e, "code", None)))
+            yield _event(error_body(str(e), "server_error", code=e.code))
     if include_usage and any(choices):
         yield _event({**head, "choices": [], "usage": protocol.usage(choices, n)})
     yield "data: [DONE]\n\n"
@@ -352,7 +355,7 @@ async def _collect(streams: list[RequestStream], request: Request) -> list[list[
         except RequestTimedOut as e:
             raise ApiError(504, str(e), type="server_error", code=e.code) from None
         except RequestFailed as e:
-            raise ApiError(503, str(e), type="server_error", code=getattr(e, "code", None)) from None
+            raise ApiError(500 if e.server_fault else 503, str(e), type="server_error", code=e.code) from None
         finally:
             task.cancel()
 

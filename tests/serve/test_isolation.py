@@ -1,5 +1,6 @@
 """A request that fails in the engine (here: a router that raises on it) fails alone. Its client gets a clear
-error (REST: 503 with the engine's message, or in a stream an error event then [DONE]; gRPC: UNAVAILABLE) while
+error (REST: 500 with the engine's message and its kind, or in a stream an error event then [DONE]; gRPC:
+INTERNAL) while
 the requests decoding beside it in the same steps complete with 200 and the tokens they get alone; every block
 is free after and /health stays ok. A numeric field the engine cannot represent (beyond int64, not a finite
 float32) is a 400 naming the field (gRPC: INVALID_ARGUMENT); a temperature that underflows samples like greedy."""
@@ -87,17 +88,18 @@ def test_a_failing_request_fails_alone(server, gate, reference_engine, monkeypat
     chunks = [e for e in events2[:-1] if e["choices"]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == want[2].output_text
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert status3 == 503
+    assert status3 == 500 and failed3["error"]["code"] == "internal_error"  # the server's fault: retrying won't help
     assert failed3["error"]["message"].startswith("internal error while routing this request")
     assert "decide failed" not in failed3["error"]["message"]  # the traceback is the log's, not the client's
     assert status4 == 200 and events4[-1] == "[DONE]"  # a stream that already started ends with an error event
     (error,) = [e["error"] for e in events4[:-1] if "error" in e]
     assert error["message"].startswith("internal error while finishing this request")
+    assert error["code"] == "internal_error"
     server.wait_idle()  # every block of both pools free, nothing in flight
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
 
 
-def test_a_failing_grpc_request_is_unavailable_and_the_next_is_served(server, reference_engine, monkeypatch):
+def test_a_failing_grpc_request_is_internal_and_the_next_is_served(server, reference_engine, monkeypatch):
     flaky = register_flaky_policy(monkeypatch)
     want = reference_run(reference_engine, PROMPT, greedy(1), flaky)
     with grpc.insecure_channel(server.grpc_target) as channel:
@@ -109,7 +111,7 @@ def test_a_failing_grpc_request_is_unavailable_and_the_next_is_served(server, re
 
         with pytest.raises(grpc.RpcError) as e:
             generate(DECIDE_FAILS)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert e.value.code() == grpc.StatusCode.INTERNAL
         assert e.value.details().startswith("internal error while routing this request")
         assert list(generate(1).token_ids) == want.output_ids
     server.wait_idle()
@@ -235,7 +237,8 @@ def test_nan_logits_fail_only_their_request_through_rest(poisoned, monkeypatch):
         assert status2 == 200 and events2[-1] == "[DONE]"
         assert [t for e in events2[:-1] if e["choices"] for t in e["choices"][0]["token_ids"]] == want[1].output_ids
         nan_message = "logits for this request are not finite (NaN or inf)"
-        assert status3 == 503 and nan_message in failed3["error"]["message"]
+        assert status3 == 500 and nan_message in failed3["error"]["message"]
+        assert failed3["error"]["code"] == "model_error"
         assert status4 == 200 and events4[-1] == "[DONE]"
         assert nan_message in events4[-2]["error"]["message"]
         s.wait_idle()
@@ -246,7 +249,7 @@ def test_nan_logits_through_the_engine_process(poisoned):
     (pair, want), config = poisoned, ServeConfig(port=0, grpc_port=0, log_level="warning")
     with running_server(config, EngineProcess(functools.partial(make_engine, *pair)), tiny_model(pair)) as s:
         bad = httpx.post(f"{s.url}/v1/completions", json=poisoned_body(NAN_PROMPT), timeout=120)
-        assert bad.status_code == 503
+        assert bad.status_code == 500 and bad.json()["error"]["code"] == "model_error"
         assert bad.json()["error"]["message"].startswith("the small model's logits for this request are not finite")
         good = httpx.post(f"{s.url}/v1/completions", json=poisoned_body(INNOCENT_PROMPTS[0]), timeout=120)
         assert good.status_code == 200 and good.json()["choices"][0]["token_ids"] == want[0].output_ids

@@ -71,8 +71,9 @@ MUTATIONS: list[Mutation] = [
              "        backlogs = [s.num_tokens - s.num_cached[LARGE] for s in seqs]",
              (REFERENCE,), "the large model skips its catch-up once it holds any cache (writes from a stale KV)"),
     Mutation("backend-error-fails-the-batch", "catch-up", ENGINE,
-             "            return [self.output.fail(s, e.errors[s.seq_id]) for s in seqs if s.seq_id in e.errors]",
-             "            return [self.output.fail(s, str(e)) for s in seqs]",
+             "            return [self.output.fail(s, upstream_error(e.errors[s.seq_id])) for s in seqs if s.seq_id in "
+             "e.errors]",
+             "            return [self.output.fail(s, upstream_error(str(e))) for s in seqs]",
              ("tests/backends/test_backend_errors.py",),
              "a large model's error for some sequences (its endpoint refused them) ends every routed request"),
     Mutation("small-skips-catchup", "catch-up", SCHEDULER,
@@ -250,8 +251,12 @@ MUTATIONS: list[Mutation] = [
              ("tests/serve/test_grpc_fuzz.py",),
              "n past max_queue is RESOURCE_EXHAUSTED (clients retry) though it can never be admitted"),
     Mutation("error-statuses-undocumented", "serve", "collab_decode/serve/openai_api.py",
-             "**_errors(400, 401, 408, 413, 429, 503, 504)}", "**_errors(401, 408, 413, 429, 503, 504)}",
+             "**_errors(400, 401, 408, 413, 429, 500, 503, 504)}", "**_errors(401, 408, 413, 429, 500, 503, 504)}",
              ("tests/serve/test_fuzz.py",), "the OpenAPI schema does not document the 400 every bad request gets"),
+    Mutation("model-fault-retryable", "serve", ASYNC_ENGINE,
+             "        return self.code in (MODEL_ERROR, INTERNAL_ERROR)", "        return False",
+             ("tests/serve/test_isolation.py",), "a request the server cannot compute (NaN logits, a router that "
+                                                 "raises) answers 503, telling the client to retry what cannot pass"),
     # ---- sampling filters ----------------------------------------------------------------------------
     Mutation("temperature-ignored", "sampling", SAMPLING,
              "scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]",
