@@ -12,7 +12,8 @@ concurrency 1, the server then delivered about half of the engine's tokens/s for
         abort        --("abort", seq id)---------------------->    Engine.abort, between steps
                      <--("state", EngineState)-----------------    (so /metrics sees the blocks freed)
         step         <--("step", [CoreOutput], EngineState, [s])--  Engine.step, while it has work (the
-                                                                    steps of up to STREAM_INTERVAL_S at once)
+                                                                    steps of up to STREAM_INTERVAL_S at once:
+                                                                    one CoreOutput per sequence)
         close        --("stop")------------------------------->    exits
                      <--("state", EngineState)-----------------    every IDLE_REPORT_S while idle
     engine process: run_engine_core(build, conn): build (load, warm-up) -> ("ready", EngineInfo) -> loop
@@ -81,8 +82,8 @@ class EngineInfo:
 
 @dataclass
 class CoreOutput:
-    """One request's progress in one step, as the engine process sends it (a RequestOutput's fields,
-    with only this step's logprobs). `seq` is the client's mirror of the sequence."""
+    """One request's progress since the engine process last sent (one or more steps): a RequestOutput's
+    fields, with only these tokens' logprobs. `seq` is the client's mirror of the sequence."""
 
     seq_id: int
     new_token_ids: list[int]
@@ -292,8 +293,11 @@ class _Core:
         self.commands = select.poll()  # is a command waiting? (a tenth of Connection.poll's cost, every step)
         self.commands.register(conn.fileno(), select.POLLIN)
         self.prompt_logprobs_sent: set[int] = set()
-        self.pending: list[CoreOutput] = []  # outputs not sent yet (see STREAM_INTERVAL_S)
-        self.pending_seconds: list[float] = []  # their steps' durations
+        # what each sequence did since the last send (see STREAM_INTERVAL_S): one CoreOutput per sequence,
+        # however many steps it covers, so the message and the server's work grow with sequences, not steps
+        self.pending: dict[int, CoreOutput] = {}
+        self.pending_seqs: dict[int, object] = {}  # their Sequences (not sent)
+        self.pending_seconds: list[float] = []  # the steps' durations
         self.last_sent = 0.0
 
     def apply(self, block: bool) -> bool:
@@ -322,35 +326,47 @@ class _Core:
         start = time.perf_counter()
         outputs = self.engine.step()
         now = time.perf_counter()
-        self.pending += [self._output(out) for out in outputs]
+        for out in outputs:
+            self._add(out)
         self.pending_seconds.append(now - start)
         starts_or_ends = any(out.finished or out.seq.num_output_tokens == len(out.new_token_ids) for out in outputs)
         if now - self.last_sent >= STREAM_INTERVAL_S or starts_or_ends or not self.engine.has_unfinished():
-            self._add_text()
-            self.conn.send(("step", self.pending, EngineState.of(self.engine), self.pending_seconds))
-            self.pending, self.pending_seconds, self.last_sent = [], [], now
+            self._finish_pending()
+            self.conn.send(("step", list(self.pending.values()), EngineState.of(self.engine), self.pending_seconds))
+            self.pending, self.pending_seqs, self.pending_seconds, self.last_sent = {}, {}, [], now
 
-    def _add_text(self) -> None:
-        """Give each unfinished sequence's last pending output the text of its tokens not yet detokenized
-        (the engine detokenizes these sequences only at their end or when a stop rule needs the text)."""
-        last = {out.seq_id: out for out in self.pending}
-        for seq_id, out in last.items():
-            seq = self.engine.seqs.get(seq_id)
-            if seq is not None and not out.finished:
-                out.new_text += self.engine.output.flush_text(seq)
-
-    def _output(self, out) -> CoreOutput:
+    def _add(self, out) -> None:
+        """Fold one step's output of a sequence into what it has pending."""
         seq, n = out.seq, len(out.new_token_ids)
-        prompt_logprobs = None
-        if seq.sampling.prompt_logprobs is not None and out.seq_id not in self.prompt_logprobs_sent:
-            self.prompt_logprobs_sent.add(out.seq_id)
-            prompt_logprobs = list(seq.prompt_logprobs)
+        pending = self.pending.get(out.seq_id)
+        if pending is None:
+            prompt_logprobs = None
+            if seq.sampling.prompt_logprobs is not None and out.seq_id not in self.prompt_logprobs_sent:
+                self.prompt_logprobs_sent.add(out.seq_id)
+                prompt_logprobs = list(seq.prompt_logprobs)
+            pending = self.pending[out.seq_id] = CoreOutput(out.seq_id, [], "", [], False, None, [], [],
+                                                            prompt_logprobs, {}, None, None)
+            self.pending_seqs[out.seq_id] = seq
+        pending.new_token_ids += out.new_token_ids
+        pending.new_text += out.new_text
+        pending.new_provenance += out.new_provenance
+        if seq.logprobs:
+            pending.new_logprobs += seq.logprobs[len(seq.logprobs) - n:]
+        if seq.top_logprobs:
+            pending.new_top_logprobs += seq.top_logprobs[len(seq.top_logprobs) - n:]
+        pending.finished, pending.finish_reason = out.finished, out.finish_reason
         if out.finished:
             self.prompt_logprobs_sent.discard(out.seq_id)
-        return CoreOutput(out.seq_id, list(out.new_token_ids), out.new_text, list(out.new_provenance), out.finished,
-                          out.finish_reason, seq.logprobs[len(seq.logprobs) - n:] if seq.logprobs else [],
-                          seq.top_logprobs[len(seq.top_logprobs) - n:] if seq.top_logprobs else [],
-                          prompt_logprobs, seq.stats.as_dict(), seq.error, seq.error_code)
+
+    def _finish_pending(self) -> None:
+        """Before a send: each sequence's counts and error as they are now, and for an unfinished one the text
+        of its tokens not yet detokenized (the engine detokenizes these sequences only at their end or when a
+        stop rule needs the text)."""
+        for seq_id, out in self.pending.items():
+            seq = self.pending_seqs[seq_id]
+            if not out.finished:
+                out.new_text += self.engine.output.flush_text(seq)
+            out.stats, out.error, out.error_code = seq.stats.as_dict(), seq.error, seq.error_code
 
 
 def _picklable(e: BaseException) -> BaseException:

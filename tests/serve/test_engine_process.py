@@ -46,7 +46,7 @@ def test_answers_equal_the_engine_rest_and_grpc(served, reference_engine):
     streamed = []
     with httpx.stream("POST", f"{served.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
         streamed = [line for line in r.iter_lines() if line.startswith("data: {")]
-    assert len(streamed) > 2  # one chunk per step
+    assert len(streamed) >= 2  # the first token at once, then the steps of every few milliseconds together
     # the engine process detokenizes when it sends: text comes with the tokens, from the first chunk on
     texts = [json.loads(line[len("data: "):])["choices"][0]["text"] for line in streamed]
     assert "".join(texts) == want.output_text and texts[0]  # (the first token is sent at once)
@@ -81,3 +81,40 @@ def test_an_engine_that_cannot_be_built_fails_the_start():
     with pytest.raises(ValueError, match="no model in /nowhere"):
         with running_server(ServeConfig(port=0, grpc_port=0, log_level="warning"), EngineProcess(broken_engine)):
             pass
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_logprobs_and_several_choices_cross_the_pipe(served, reference_engine, stream):
+    """The engine process folds a sequence's steps into one output per send: prompt logprobs come once, with
+    a choice's first tokens, and every choice's tokens and logprobs arrive whole, streamed or not."""
+    sampling = SamplingParams(max_tokens=30, temperature=0.0, logprobs=1, prompt_logprobs=1)
+    want = reference_run(reference_engine, PROMPT, sampling, "entropy:0.6")
+    body = {"prompt": PROMPT, "max_tokens": 30, "temperature": 0, "logprobs": 1, "prompt_logprobs": 1, "n": 2,
+            "routing": "entropy:0.6", "return_provenance": True, "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=60) as r:
+            events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: {")]
+        choices = {}
+        for event in events:
+            for c in event["choices"]:
+                got = choices.setdefault(c["index"], {"token_ids": [], "logprobs": [], "prompt_logprobs": []})
+                got["token_ids"] += c["token_ids"]
+                got["logprobs"] += c["logprobs"]["token_logprobs"]
+                if c.get("prompt_logprobs") is not None:
+                    got["prompt_logprobs"].append(c["prompt_logprobs"])
+        choices = [choices[i] for i in range(2)]
+        for c in choices:
+            assert len(c["prompt_logprobs"]) == 1  # once per choice
+            c["prompt_logprobs"] = c["prompt_logprobs"][0]
+    else:
+        out = httpx.post(f"{served.url}/v1/completions", json=body, timeout=60).json()
+        choices = [{"token_ids": c["token_ids"], "logprobs": c["logprobs"]["token_logprobs"],
+                    "prompt_logprobs": c["prompt_logprobs"]} for c in out["choices"]]
+    prompt_ids = want.prompt_ids
+    for c in choices:
+        assert c["token_ids"] == want.output_ids
+        assert c["logprobs"] == pytest.approx(want.logprobs, abs=1e-5)
+        scored = c["prompt_logprobs"]
+        assert scored[0] is None and len(scored) == len(prompt_ids)
+        got = [entry[str(token)]["logprob"] for entry, token in zip(scored[1:], prompt_ids[1:])]
+        assert got == pytest.approx([lp for lp, _, _ in want.prompt_logprobs[1:]], abs=1e-5)
