@@ -26,11 +26,14 @@ import torch
 
 from collab_decode.bench.workload import demo_workload
 from collab_decode.demo.evaluate import evaluate
+from collab_decode.routing.neural import threshold_for_share
 from collab_decode.sampling import SamplingParams
 from collab_decode.serve.cli import default_threads
 
 KEEP = 0.97  # of the large model's accuracy
-NEURAL_SWEEP = (0.1, 0.5, 0.9, 0.95, 0.97, 0.975, 0.98, 0.983, 0.986, 0.99)
+# neural: the thresholds its calibration table gives for these large shares (on validation rows), so the sweep
+# spans the same range of shares whatever the router's score scale
+NEURAL_SHARES = (0.04, 0.035, 0.032, 0.03, 0.029, 0.028, 0.027, 0.026, 0.025, 0.024, 0.022, 0.02)
 ENTROPY_SWEEP = (0.6, 0.8, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0)
 RANDOM_SWEEP = (0.03, 0.1, 0.3)
 
@@ -147,8 +150,9 @@ def plot(rows: list[dict], v: dict, path: Path) -> None:
         ax.axhline(100 * v["accuracy_floor"], color="gray", ls="--", lw=0.8, label="97% of large")
         ax.set_xlabel("large share (% of output tokens from the large model" + (")" if zoom else ", log)"))
         ax.grid(alpha=0.3, which="both")
-        if zoom:
-            ax.set_xlim(2.5, 4.5)
+        if zoom:  # from below the smallest share that keeps 97% of large, either family's, to 4.5%
+            kept = [100 * p["large_share"] for p in (v["neural"], v["entropy"]) if p]
+            ax.set_xlim(min(kept + [2.5]) - 0.3, 4.5)
             ax.set_ylim(60, 101)
             ax.set_title("the knee")
         else:
@@ -194,7 +198,10 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--router", default="router_models/demo", help="router checkpoint directory")
     parser.add_argument("--num-problems", type=int, default=500)
-    parser.add_argument("--neural", type=float, nargs="+", default=list(NEURAL_SWEEP), help="neural thresholds")
+    parser.add_argument("--neural", type=float, nargs="+", help="neural thresholds (default: those of the "
+                        "router's calibration table at --neural-shares)")
+    parser.add_argument("--neural-shares", type=float, nargs="+", default=list(NEURAL_SHARES),
+                        help="large shares whose calibrated thresholds the neural sweep uses")
     parser.add_argument("--entropy", type=float, nargs="+", default=list(ENTROPY_SWEEP), help="entropy thresholds")
     parser.add_argument("--random", type=float, nargs="+", default=list(RANDOM_SWEEP), help="random shares")
     parser.add_argument("--speed-problems", type=int, default=10, help="problems per batch-1 speed round")
@@ -216,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     name = Path(args.router).name
     engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), routers={name: args.router})
+    if args.neural is None:
+        table = engine.router_context.routers[name].config["calibration"]
+        args.neural = sorted({round(threshold_for_share(table, s), 6) for s in args.neural_shares})
     command = "collab-decode bench router " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.speed_only:
         report = json.loads((out / "router_sweep.json").read_text())

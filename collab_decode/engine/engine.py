@@ -216,7 +216,7 @@ class Engine:
             proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j,
                                              error=nonfinite_error(SMALL) if j in nonfinite else None)
         inputs = RouterInputs([s.router_state for s in sampled], logits, hidden, sample.token_ids,
-                              self.backends[SMALL].embed, sample.row_max)
+                              self.backends[SMALL].embed, sample.row_max, sampled)
         return proposals, SmallView(sampled, inputs)
 
     def route(self, proposals: dict[int, "Proposal"], view: "SmallView | None") -> list[Sequence]:

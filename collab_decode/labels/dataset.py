@@ -9,6 +9,7 @@ trainer uses.
 
 Tensors of a shard (N rows, row = a response position, queries in file order, positions in order):
     features     (N, 2H + top_k) float16  router_features: [hidden, embedding of small_top1, top-k logits]
+    lookup       (N, LOOKUP_SIZE) float32  lookup_features: the prompt lookup (train-router --prompt-lookup)
     label        (N,) uint8   index into LABELS: identical, neutral, divergent, unparsed, skipped
     query_index  (N,) int32   the query's index in the query file (split by it, never by row)
     position     (N,) int32   index in the response

@@ -5,6 +5,7 @@ position, we keep what the online router would see there if the small model were
     backend over the engine's paged cache (private negative seq ids; every block freed after)
     -> at each response position: logits, last hidden state, the small model's top-1 (its greedy proposal)
     -> router_features(hidden, embed(top-1), logits, top_k): THE feature function of the online router
+    -> lookup_features(the prompt's n-grams, the context, the small model's top tokens): its prompt lookup
     -> ForcedRows: one row per response position, traces in order, positions in order
 
 A position is a *mismatch* where the small model's top-1 differs from the trace's token. Long traces are
@@ -22,7 +23,8 @@ from collab_decode.backends.base import ModelInput, SeqChunk
 from collab_decode.labels.progress import Progress
 from collab_decode.labels.traces import Trace
 from collab_decode.routing import entropy
-from collab_decode.routing.features import router_features
+from collab_decode.routing.features import LOOKUP_MAX_N, LOOKUP_SIZE, PromptIndex, lookup_features, router_features, \
+    top_tokens
 
 SMALL = "small"
 INT_COLUMNS = ("query_index", "position", "token_id", "small_top1")
@@ -34,6 +36,7 @@ class ForcedRows:
     """Stage 1's result: row i = one response position."""
 
     features: torch.Tensor  # (N, 2H + top_k) float32: [hidden, embedding of small_top1, sorted top-k logits]
+    lookup: torch.Tensor  # (N, LOOKUP_SIZE) float32: lookup_features (routers trained with --prompt-lookup)
     query_index: torch.Tensor  # (N,) int32: the query the position belongs to
     position: torch.Tensor  # (N,) int32: index in the response (0 = the first response token)
     token_id: torch.Tensor  # (N,) int32: the trace's token at that position
@@ -47,11 +50,11 @@ class ForcedRows:
         return self.small_top1 != self.token_id
 
     def columns(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in ("features",) + INT_COLUMNS + FLOAT_COLUMNS}
+        return {name: getattr(self, name) for name in ("features", "lookup") + INT_COLUMNS + FLOAT_COLUMNS}
 
     @classmethod
     def from_columns(cls, tensors: dict[str, torch.Tensor]) -> "ForcedRows":
-        return cls(**{name: tensors[name] for name in ("features",) + INT_COLUMNS + FLOAT_COLUMNS})
+        return cls(**{name: tensors[name] for name in ("features", "lookup") + INT_COLUMNS + FLOAT_COLUMNS})
 
 
 @dataclass
@@ -62,6 +65,7 @@ class _Job:
     trace: Trace
     tokens: list[int]  # prompt + response[:-1]: the inputs whose next-token logits we need
     first: int  # the input position predicting response token 0 (= len(prompt) - 1)
+    index: PromptIndex  # the prompt's n-grams (the lookup features)
     num_cached: int = 0
     parts: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
@@ -73,7 +77,7 @@ def teacher_force(engine, traces: list[Trace], top_k: int, max_tokens_per_forwar
     if top_k > vocab:
         raise ValueError(f"top_k ({top_k}) exceeds the vocabulary ({vocab})")
     kv = engine.kv[SMALL]
-    jobs = [_Job(-1 - i, t, t.prompt_ids + t.response_ids[:-1], len(t.prompt_ids) - 1)
+    jobs = [_Job(-1 - i, t, t.prompt_ids + t.response_ids[:-1], len(t.prompt_ids) - 1, PromptIndex(t.prompt_ids))
             for i, t in enumerate(traces) if t.response_ids]
     pending = deque(jobs)
     try:
@@ -128,7 +132,16 @@ def _forward(engine, chunks: list[tuple[_Job, int]], top_k: int) -> None:
         owners.append((job, job.num_cached + lo - job.first, n - lo))
     if not owners:
         return
-    rows = _rows(torch.cat(hidden), torch.cat(logits), small.embed, top_k)
+    logits = torch.cat(logits)
+    rows = _rows(torch.cat(hidden), logits, small.embed, top_k)
+    top_ids, top_probs = top_tokens(logits)
+    lookup, start = [], 0
+    for job, first_position, count in owners:  # the context of response position p: prompt + response[:p]
+        for r, end in enumerate(range(job.first + first_position + 1, job.first + first_position + count + 1)):
+            context = job.tokens[max(0, end - LOOKUP_MAX_N):end]
+            lookup.append(lookup_features(job.index, context, top_ids[start + r], top_probs[start + r]))
+        start += count
+    rows["lookup"] = torch.tensor(lookup, dtype=torch.float32).reshape(-1, LOOKUP_SIZE)
     start = 0
     for job, first_position, count in owners:
         positions = torch.arange(first_position, first_position + count, dtype=torch.int32)
@@ -153,5 +166,6 @@ def _concat(parts: list[dict[str, torch.Tensor]], hidden_size: int, top_k: int) 
     if not parts:
         empty = {name: torch.zeros(0, dtype=torch.int32) for name in INT_COLUMNS}
         empty.update({name: torch.zeros(0) for name in FLOAT_COLUMNS})
-        return ForcedRows(features=torch.zeros(0, 2 * hidden_size + top_k), **empty)
+        return ForcedRows(features=torch.zeros(0, 2 * hidden_size + top_k), lookup=torch.zeros(0, LOOKUP_SIZE),
+                          **empty)
     return ForcedRows(**{name: torch.cat([p[name] for p in parts]) for name in parts[0]})

@@ -34,6 +34,7 @@ from collab_decode.labels.queries import Query
 from collab_decode.labels.settings import STAGES, LabelSettings
 from collab_decode.labels.traces import Trace, make_traces
 from collab_decode.labels.verifiers import LABELS, AnswerVerifier, ExactVerifier, Verdict, Verifier
+from collab_decode.routing.features import LOOKUP_SIZE
 
 STAGE_FILES = {"traces": "work/traces/{}.jsonl", "forcing": "work/forcing/{}.safetensors",
                "continuations": "work/continuations/{}.jsonl", "verify": "work/verify/{}.jsonl",
@@ -209,7 +210,8 @@ class LabelRun:
     def _feature_layout(self) -> dict:
         h, k = self.engine.backends["small"].hidden_size, self.settings.top_k
         return {"dtype": "float16", "size": 2 * h + k, "hidden_size": h, "top_k": k,
-                "layout": {"hidden": [0, h], "token_embedding": [h, 2 * h], "top_k_logits": [2 * h, 2 * h + k]}}
+                "layout": {"hidden": [0, h], "token_embedding": [h, 2 * h], "top_k_logits": [2 * h, 2 * h + k]},
+                "lookup_size": LOOKUP_SIZE}  # the `lookup` tensor: routing/features.py lookup_features
 
     def _timing_path(self, stage: str, k: int) -> Path:
         return self.out / "timing" / f"{stage}-{files.shard_name(k)}.json"

@@ -17,15 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from collab_decode.routing.features import feature_size, router_features
+from collab_decode.routing.features import (LOOKUP_MAX_N, PromptIndex, feature_size, lookup_features, router_features,
+                                           top_tokens)
 from collab_decode.routing.policies import Router, RouterContext, RouterInputs, top1_prob
 
 
 class RouterMLP(nn.Module):
-    def __init__(self, hidden_size: int, top_k: int, width: int = 256, num_layers: int = 2):
+    def __init__(self, hidden_size: int, top_k: int, width: int = 256, num_layers: int = 2,
+                 prompt_lookup: bool = False):
         super().__init__()
-        self.top_k = top_k
-        dims = [feature_size(hidden_size, top_k)] + [width] * num_layers
+        self.top_k, self.prompt_lookup = top_k, prompt_lookup
+        dims = [feature_size(hidden_size, top_k, prompt_lookup)] + [width] * num_layers
         layers: list[nn.Module] = [nn.LayerNorm(dims[0])]
         for a, b in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(a, b), nn.GELU()]
@@ -58,7 +60,7 @@ class FrozenRouterMLP:
     its arithmetic)."""
 
     def __init__(self, model: RouterMLP):
-        self.top_k = model.top_k
+        self.top_k, self.prompt_lookup = model.top_k, model.prompt_lookup
         norm, *layers = model.net
         self.norm = (norm.normalized_shape, norm.weight.detach(), norm.bias.detach(), norm.eps)
         self.linears = [(layer.weight.detach().t().contiguous(), layer.bias.detach()) for layer in layers
@@ -98,7 +100,7 @@ def load_router(path: str | Path, hidden_size: int | None = None, fingerprint: s
     try:
         config = json.loads(config_file.read_text())
         sizes = (int(config["hidden_size"]), int(config["top_k"]), int(config.get("width", 256)),
-                 int(config.get("num_layers", 2)))
+                 int(config.get("num_layers", 2)), bool(config.get("prompt_lookup", False)))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"router {config_file} is not a valid router config: {e!r}") from None
     if hidden_size is not None and sizes[0] != hidden_size:
@@ -186,8 +188,25 @@ class NeuralRoute(Router):
         mass = (inputs.logits - inputs.row_max[:, None]).exp_().sum(-1).tolist()
         return [i for i, m in enumerate(mass) if m * self.gate > 1.0]
 
+    def new_state(self, seed: int | None = None) -> "_LookupState":
+        return _LookupState()
+
     def features(self, inputs: RouterInputs) -> torch.Tensor:
-        return router_features(inputs.hidden, inputs.embed(inputs.proposed), inputs.logits, self.model.top_k)
+        lookup = self._lookup(inputs) if self.model.prompt_lookup else None
+        return router_features(inputs.hidden, inputs.embed(inputs.proposed), inputs.logits, self.model.top_k, lookup)
+
+    @staticmethod
+    def _lookup(inputs: RouterInputs) -> torch.Tensor:
+        """(B, LOOKUP_SIZE): each row's prompt lookup (its sequence's prompt indexed on first use)."""
+        if inputs.contexts is None:
+            raise ValueError("this router looks its prompt up: its inputs must carry each row's sequence")
+        top_ids, top_probs = top_tokens(inputs.logits)
+        rows = []
+        for state, seq, ids, probs in zip(inputs.states, inputs.contexts, top_ids, top_probs):
+            if state.index is None:
+                state.index = PromptIndex(seq.prompt_ids)
+            rows.append(lookup_features(state.index, seq.token_ids[-LOOKUP_MAX_N:], ids, probs))
+        return torch.tensor(rows)
 
     def _mlp_logits(self, inputs: RouterInputs, rows: list[int]) -> list[float]:
         """The MLP's logit at each of these rows, on the host."""
@@ -206,3 +225,13 @@ class NeuralRoute(Router):
 def _logit(p: float) -> float:
     """The z where sigmoid(z) = p (+-inf at 1 and 0)."""
     return math.inf if p >= 1 else -math.inf if p <= 0 else math.log(p / (1 - p))
+
+
+class _LookupState:
+    """A sequence's state under a neural router: its prompt's n-grams, built the first time the router looks
+    one of its positions up (only routers trained with the prompt lookup do)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self):
+        self.index: PromptIndex | None = None

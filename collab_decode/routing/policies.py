@@ -27,12 +27,15 @@ class RouterInputs:
     proposed: torch.Tensor  # (B,) int64 token the small model sampled
     embed: Callable[[torch.Tensor], torch.Tensor]  # token ids (B,) -> small-model input embeddings (B, hidden)
     row_max: torch.Tensor | None = None  # (B,) each row's largest logit (the sampler's), None: not known
+    # each row's sequence, read-only: its prompt_ids and token_ids so far (a router that looks the prompt up)
+    contexts: list[Any] | None = None
 
     def select(self, rows: list[int]) -> "RouterInputs":
         """These rows only, in this order."""
         idx = torch.tensor(rows)
         return RouterInputs([self.states[i] for i in rows], self.logits[idx], self.hidden[idx], self.proposed[idx],
-                            self.embed, None if self.row_max is None else self.row_max[idx])
+                            self.embed, None if self.row_max is None else self.row_max[idx],
+                            None if self.contexts is None else [self.contexts[i] for i in rows])
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,12 @@ def add_train_router_parser(sub) -> None:
     p.add_argument("dataset", help="a finished `collab-decode label` output directory")
     p.add_argument("--out", required=True, help="router checkpoint directory to write (config.json + safetensors)")
     for f in dataclasses.fields(TrainSettings):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"(default: {f.default!r})")
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f"(default: {f.default})")
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f"(default: {f.default!r})")
     p.set_defaults(func=cmd_train_router)
 
 

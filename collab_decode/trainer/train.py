@@ -36,6 +36,7 @@ class TrainSettings:
     val_fraction: float = 0.2  # queries held out for validation and calibration
     recall_target: float = 0.95  # calibrated threshold: the smallest large share keeping this recall
     seed: int = 0
+    prompt_lookup: bool = False  # add the prompt lookup features (routing/features.py) to the router's input
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:
@@ -55,9 +56,10 @@ class TrainResult:
 
 def fit(features: torch.Tensor, divergent: torch.Tensor, train: torch.Tensor, val: torch.Tensor,
         hidden_size: int, top_k: int, settings: TrainSettings, progress: bool = True) -> tuple[RouterMLP, dict]:
-    """Train on rows `train`, early-stop on rows `val` (bool masks over N); returns the best model and a log."""
+    """Train on rows `train`, early-stop on rows `val` (bool masks over N); returns the best model and a log.
+    With settings.prompt_lookup, `features` end with the LOOKUP_SIZE lookup columns."""
     torch.manual_seed(settings.seed)
-    model = RouterMLP(hidden_size, top_k, settings.width, settings.num_layers)
+    model = RouterMLP(hidden_size, top_k, settings.width, settings.num_layers, settings.prompt_lookup)
     x_train, y_train = features[train].float(), divergent[train].float()
     x_val, y_val = features[val].float(), divergent[val].float()
     num_pos = float(y_train.sum())
@@ -126,6 +128,11 @@ def train_router(dataset_dir: str | Path, out_dir: str | Path, settings: TrainSe
     layout = data.manifest["features"]
     hidden_size, top_k = layout["hidden_size"], layout["top_k"]
     features = data.tensors["features"]
+    if settings.prompt_lookup:
+        if "lookup" not in data.tensors:
+            raise ValueError(f"{dataset_dir} has no prompt lookup columns (labelled before they existed): label "
+                             "it again, or train without --prompt-lookup")
+        features = torch.cat([features.float(), data.tensors["lookup"].float()], dim=-1)
     divergent, usable = data.targets()
     train, val = data.split_by_query(settings.val_fraction, settings.seed)
     train, val = train & usable, val & usable
@@ -138,7 +145,8 @@ def train_router(dataset_dir: str | Path, out_dir: str | Path, settings: TrainSe
     chosen = threshold_for_recall(table, settings.recall_target)
     config = {
         "hidden_size": hidden_size, "top_k": top_k, "width": settings.width, "num_layers": settings.num_layers,
-        "threshold": chosen["threshold"], "recall_target": settings.recall_target, "gate": gate,
+        "prompt_lookup": settings.prompt_lookup, "threshold": chosen["threshold"],
+        "recall_target": settings.recall_target, "gate": gate,
         "gate_pass_fraction": float((top1[val] < gate).double().mean()),
         "calibration": table, "metrics": metrics,
         "pair": {"fingerprint": data.manifest["pair"]["fingerprint"]},

@@ -16,8 +16,9 @@ def test_rows_queries_and_mismatches_line_up(tmp_path, engine):
     label_run(engine, queries, tmp_path / "out", verifier="exact").run()
     data = read_dataset(tmp_path / "out")
     t = data.tensors
-    assert set(t) == {"features", "label", "query_index", "position", "token_id", "small_top1", "entropy",
+    assert set(t) == {"features", "lookup", "label", "query_index", "position", "token_id", "small_top1", "entropy",
                       "top1_prob", "top2_margin"}
+    assert t["lookup"].shape == (len(t["label"]), data.manifest["features"]["lookup_size"])
     assert t["features"].dtype == torch.float16 and t["label"].dtype == torch.uint8
     assert data.manifest["labels"] == list(LABELS) and data.manifest["features"]["size"] == t["features"].shape[1]
     assert [q["id"] for q in data.queries] == [f"q{i}" for i in range(5)]

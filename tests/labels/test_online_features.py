@@ -3,12 +3,14 @@ while decoding (to 1e-5 before the dataset's float16 rounding), on a trace that 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import collab_decode.routing.neural as neural
 from collab_decode.labels import files
 from collab_decode.labels.forcing import teacher_force
 from collab_decode.labels.traces import Trace
+from collab_decode.routing.features import LOOKUP_SIZE
 from collab_decode.routing.neural import RouterMLP, save_router
 from collab_decode.sampling import SamplingParams
 from tests.labels.conftest import assert_blocks_free, label_run, pair_engine, write_queries
@@ -21,8 +23,8 @@ def online_features(engine, prompt, routing, monkeypatch, max_tokens=24):
     seen = []
     real = neural.router_features
 
-    def spy(hidden, embedding, logits, top_k):
-        features = real(hidden, embedding, logits, top_k)
+    def spy(hidden, embedding, logits, top_k, lookup=None):
+        features = real(hidden, embedding, logits, top_k, lookup)
         seen.append(features.clone())
         return features
 
@@ -32,12 +34,16 @@ def online_features(engine, prompt, routing, monkeypatch, max_tokens=24):
     return out, torch.cat(seen)
 
 
-def test_pipeline_features_equal_the_online_routers(tmp_path, pair, monkeypatch):
+@pytest.mark.parametrize("lookup", [False, True])
+def test_pipeline_features_equal_the_online_routers(tmp_path, pair, monkeypatch, lookup):
+    """With the prompt lookup, the online router's last LOOKUP_SIZE columns are the pipeline's `lookup` rows."""
     torch.manual_seed(0)
-    save_router(tmp_path / "router", RouterMLP(32, TOP_K, width=16),
-                {"hidden_size": 32, "top_k": TOP_K, "width": 16, "num_layers": 2, "threshold": 0.5})
+    save_router(tmp_path / "router", RouterMLP(32, TOP_K, width=16, prompt_lookup=lookup),
+                {"hidden_size": 32, "top_k": TOP_K, "width": 16, "num_layers": 2, "threshold": 0.5,
+                 "prompt_lookup": lookup})
     engine = pair_engine(pair, routers={"r": tmp_path / "router"})
-    prompt = engine.tokenizer("Ann has 352 marbles. How many?", add_special_tokens=True)["input_ids"]
+    text = "Ann has 352 marbles. How many marbles does Ann have? Ann has 352 marbles and 35 more."
+    prompt = engine.tokenizer(text, add_special_tokens=True)["input_ids"]
     # a threshold at the median score routes about half the tokens: the trace mixes small and large tokens
     _, scores_run = online_features(engine, prompt, "neural:r:1.0", monkeypatch)
     with torch.no_grad():
@@ -48,8 +54,10 @@ def test_pipeline_features_equal_the_online_routers(tmp_path, pair, monkeypatch)
     trace = Trace(0, prompt, out.token_ids, out.finish_reason)
     rows = teacher_force(engine, [trace], top_k=TOP_K, max_tokens_per_forward=7)  # chunked, unlike decoding
     assert_blocks_free(engine)
-    assert online.shape == rows.features.shape == (len(out.token_ids), 2 * 32 + TOP_K)
-    torch.testing.assert_close(rows.features, online, rtol=0, atol=1e-5)
+    written = torch.cat([rows.features, rows.lookup], dim=-1) if lookup else rows.features
+    assert online.shape == written.shape == (len(out.token_ids), 2 * 32 + TOP_K + (LOOKUP_SIZE if lookup else 0))
+    torch.testing.assert_close(written, online, rtol=0, atol=1e-5)
+    assert rows.lookup.shape == (len(out.token_ids), LOOKUP_SIZE) and (rows.lookup[:, 0] > 0).any()  # matches
     # where the large model wrote, the small model's proposal (its top-1) differs or not; either way the
     # online router saw the embedding of that proposal, as the pipeline does
     assert rows.mismatch.any()

@@ -176,3 +176,43 @@ def test_the_confidence_gate_skips_sure_positions_and_keeps_the_rest(trained):
     assert sure.sum() == 4 and (ungated[sure] > 0).all()
     assert (gated[sure] == 0).all()
     torch.testing.assert_close(gated[~sure], ungated[~sure], rtol=0, atol=1e-6)
+
+
+def test_prompt_lookup_features_by_hand():
+    from collab_decode.routing.features import LOOKUP_SIZE, PromptIndex, lookup_features
+
+    index = PromptIndex([1, 2, 3, 9, 1, 2, 4, 7])  # after (1, 2): 3 or 4; after (2, 3): 9 only
+    top = [3, 5, 4, 8, 6], [0.5, 0.2, 0.15, 0.1, 0.05]
+    # the longest suffix the prompt holds is (1, 2): two continuations, top-1 (3) and top-3 (4) among them
+    assert lookup_features(index, [8, 8, 1, 2], *top) == pytest.approx([2 / 8, 2.0, 1.0, 0.0, 0.65, 0.0])
+    # (9, 1, 2) is in the prompt too: the longer match wins, and only 4 follows it
+    assert lookup_features(index, [8, 9, 1, 2], *top) == pytest.approx([3 / 8, 1.0, 0.0, 0.0, 0.15, 1.0])
+    # (2, 3) -> 9 only: unique, and neither proposal is it
+    assert lookup_features(index, [2, 3], *top) == pytest.approx([2 / 8, 1.0, 0.0, 0.0, 0.0, 1.0])
+    assert lookup_features(index, [5, 6], *top) == [0.0] * LOOKUP_SIZE  # 6 is not in the prompt
+
+
+def test_training_learns_a_lookup_rule_and_the_checkpoint_keeps_it(tmp_path):
+    """With --prompt-lookup the last LOOKUP_SIZE columns join the features: a rule only they carry (the
+    prompt continues the context, and not with the small model's top-1) is learned, saved and loaded back."""
+    from collab_decode.routing.features import LOOKUP_SIZE
+    from collab_decode.routing.neural import RouterMLP
+
+    features, _, query = synthetic()
+    g = torch.Generator().manual_seed(3)
+    lookup = torch.zeros(len(features), LOOKUP_SIZE)
+    lookup[:, 0] = (torch.rand(len(features), generator=g) < 0.5).float()  # the prompt holds the context
+    lookup[:, 2] = (torch.rand(len(features), generator=g) < 0.5).float()  # ... continued with the top-1
+    divergent = ((lookup[:, 0] == 1) & (lookup[:, 2] == 0)).float()
+    x = torch.cat([features.float(), lookup], dim=-1)
+    val = query >= 160
+    settings = TrainSettings(epochs=30, patience=10, prompt_lookup=True)
+    model, _ = fit(x, divergent, ~val, val, HIDDEN, TOP_K, settings, progress=False)
+    assert roc_auc(predict(model, x[val]), divergent[val]) > 0.95
+    with pytest.raises(RuntimeError):  # without the lookup columns the sizes do not match
+        RouterMLP(HIDDEN, TOP_K, 64, 2, prompt_lookup=False).load_state_dict(model.state_dict())
+    save_router(tmp_path / "r", model, {"hidden_size": HIDDEN, "top_k": TOP_K, "width": 64, "num_layers": 2,
+                                        "prompt_lookup": True})
+    loaded = load_router(tmp_path / "r", HIDDEN)
+    assert loaded.model.prompt_lookup and loaded.frozen.prompt_lookup
+    torch.testing.assert_close(loaded.model(x[:9]), model(x[:9]), rtol=0, atol=0)

@@ -257,6 +257,15 @@ MUTATIONS: list[Mutation] = [
              "        return self.code in (MODEL_ERROR, INTERNAL_ERROR)", "        return False",
              ("tests/serve/test_isolation.py",), "a request the server cannot compute (NaN logits, a router that "
                                                  "raises) answers 503, telling the client to retry what cannot pass"),
+    Mutation("lookup-context-one-behind", "routing", "collab_decode/routing/neural.py",
+             "lookup_features(state.index, seq.token_ids[-LOOKUP_MAX_N:], ids, probs)",
+             "lookup_features(state.index, seq.token_ids[-LOOKUP_MAX_N - 1:-1], ids, probs)",
+             ("tests/labels/test_online_features.py",), "the online router looks up the context one token behind "
+                                                        "the one its training rows used"),
+    Mutation("lookup-ignores-the-longest-match", "routing", "collab_decode/routing/features.py",
+             "for n in range(min(LOOKUP_MAX_N, len(context)), 0, -1):",
+             "for n in range(1, min(LOOKUP_MAX_N, len(context)) + 1):",
+             ("tests/trainer/test_train.py",), "the prompt lookup takes the shortest suffix the prompt holds"),
     # ---- sampling filters ----------------------------------------------------------------------------
     Mutation("temperature-ignored", "sampling", SAMPLING,
              "scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]",
