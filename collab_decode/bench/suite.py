@@ -33,6 +33,8 @@ from collab_decode.serve.cli import default_threads, serving_addresses
 POLICIES = ["small", "large", "entropy:0.3", "entropy:0.6", "entropy:1.0", "entropy:1.5", "entropy:2.0",
             "step-entropy:0.6", "step-entropy:1.2", "step-entropy:2.0", "random:0.05", "random:0.1",
             "confidence:0.5", "confidence:0.8", "speculative:4"]
+# with a neural router (the demo pair ships one): its calibrated threshold, and one nearer its knee
+NEURAL_POLICIES = ["neural", "neural:0.7"]
 
 
 def num_requests(level: int, batch1_requests: int) -> int:
@@ -41,11 +43,12 @@ def num_requests(level: int, batch1_requests: int) -> int:
 
 
 class ServerProcess:
-    """`collab-decode serve --small S --large L` on free ports, until stop()."""
+    """`collab-decode serve --small S --large L [--router NAME=DIR ...]` on free ports, until stop()."""
 
-    def __init__(self, small: str, large: str, threads: int):
+    def __init__(self, small: str, large: str, threads: int, routers: list[str] = ()):
         cmd = [sys.executable, "-m", "collab_decode.cli", "serve", "--small", small, "--large", large, "--port", "0",
                "--grpc-port", "0", "--log-level", "warning", "--threads", str(threads)]
+        cmd += [arg for router in routers for arg in ("--router", router)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
         for line in self.proc.stdout:  # the first line that names the ports says it is ready
@@ -159,17 +162,26 @@ class Bench:
 def run_suite(args: argparse.Namespace) -> None:
     import torch
 
+    from collab_decode.demo import checkpoint_dir
+    from collab_decode.engine.args import routers_from_args
     from collab_decode.engine.loading import build_engine
+    from collab_decode.pairs import pair_routers
 
     start, load_before = time.time(), os.getloadavg()
     torch.set_num_threads(args.threads)  # the server's setting too: the engine in both places is the same
-    engine = build_engine(args.small, args.large)
+    if args.router is None:  # the demo pair's shipped router, when the models are the demo pair's
+        demo = (str(checkpoint_dir("small")), str(checkpoint_dir("large")))
+        args.router = [f"{n}={p}" for n, p in pair_routers("demo").items()] if (args.small, args.large) == demo else []
+    routers = routers_from_args(args.router)
+    engine = build_engine(args.small, args.large, routers=routers)
+    if args.policies is None:
+        args.policies = POLICIES + (NEURAL_POLICIES if routers else [])
     bench = Bench(demo_workload(engine.tokenizer, args.num_problems, max_tokens=args.max_tokens), engine)
     server_modes = [] if args.no_server else ["rest"] + (["grpc"] if args.grpc else [])
     server = None
     if server_modes:
         print(f"starting the server (collab-decode serve --small {args.small} --large {args.large}) ...", flush=True)
-        server = bench.server = ServerProcess(args.small, args.large, args.threads)
+        server = bench.server = ServerProcess(args.small, args.large, args.threads, args.router)
         bench.connect(server.url, server.grpc_target if args.grpc else None, None, not args.no_stream)
     try:
         bench.warm_up(args.policies)
@@ -258,8 +270,11 @@ def run_parser(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--small", default=str(checkpoint_dir("small")), help="small model (default: the demo pair's)")
     p.add_argument("--large", default=str(checkpoint_dir("large")), help="large model (default: the demo pair's)")
-    p.add_argument("--policies", nargs="+", default=POLICIES,
-                   help="policies of stages 1 and 2; keep small and large (speedup and bound need them)")
+    p.add_argument("--router", action="append", default=None, metavar="NAME=DIR",
+                   help="a neural router for the engine and the server (default: the demo pair's, demo=...)")
+    p.add_argument("--policies", nargs="+", default=None,
+                   help="policies of stages 1 and 2; keep small and large (speedup and bound need them) "
+                        f"(default: {' '.join(POLICIES)}, and {' '.join(NEURAL_POLICIES)} with a router)")
     p.add_argument("--extra-policies", nargs="*", default=[], help="more policies for stage 3")
     p.add_argument("--no-server", action="store_true", help="the engine only")
     p.add_argument("--threads", type=int, default=default_threads(),
