@@ -262,6 +262,9 @@ def _check_same_run(old: dict, fresh: dict, settings: LabelSettings, path: Path)
         problems.append("the pair (its fingerprint differs)")
     if old.get("queries", {}).get("sha256") != fresh["queries"]["sha256"]:
         problems.append("the query file (its content differs)")
+    if "lookup_size" not in old.get("features", {}):
+        problems.append("its rows' features (written before the prompt lookup columns; to redo only teacher forcing "
+                        "and the dataset, copy its work/traces, work/continuations and work/verify to a new --out)")
     old_settings = old.get("settings", {})
     for key, value in settings.output_dict().items():
         if old_settings.get(key) != value:

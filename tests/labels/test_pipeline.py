@@ -87,6 +87,13 @@ def test_a_different_run_into_the_same_directory_is_refused(tmp_path, engine):
     with pytest.raises(ValueError, match="the query file"):
         label_run(engine, other, tmp_path / "out", verifier="exact")
     label_run(engine, queries, tmp_path / "out", verifier="exact", judge_concurrency=3)  # not in the output
+    # a run from before the prompt lookup columns: its rows lack them, and the message says what to keep
+    manifest = tmp_path / "out" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    del old["features"]["lookup_size"]
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="before the prompt lookup columns.*work/continuations"):
+        label_run(engine, queries, tmp_path / "out", verifier="exact")
 
 
 def test_a_stage_needs_the_earlier_stages(tmp_path, engine):
