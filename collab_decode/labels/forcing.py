@@ -135,20 +135,18 @@ def _forward(engine, chunks: list[tuple[_Job, int]], top_k: int) -> None:
     logits = torch.cat(logits)
     rows = _rows(torch.cat(hidden), logits, small.embed, top_k)
     top_ids, top_probs = top_tokens(logits)
-    lookup, start = [], 0
-    for job, first_position, count in owners:  # the context of response position p: prompt + response[:p]
-        for r, end in enumerate(range(job.first + first_position + 1, job.first + first_position + count + 1)):
-            context = job.tokens[max(0, end - LOOKUP_MAX_N):end]
-            lookup.append(lookup_features(job.index, context, top_ids[start + r], top_probs[start + r]))
-        start += count
-    rows["lookup"] = torch.tensor(lookup, dtype=torch.float32).reshape(-1, LOOKUP_SIZE)
     start = 0
     for job, first_position, count in owners:
         positions = torch.arange(first_position, first_position + count, dtype=torch.int32)
         response = torch.tensor(job.trace.response_ids, dtype=torch.int32)
         part = {name: t[start:start + count] for name, t in rows.items()}
+        # the context of response position p is prompt + response[:p]: job.tokens up to input first + p
+        ends = range(job.first + first_position + 1, job.first + first_position + count + 1)
+        lookup = [lookup_features(job.index, job.tokens[max(0, end - LOOKUP_MAX_N):end], top_ids[start + r],
+                                  top_probs[start + r]) for r, end in enumerate(ends)]
         part.update(query_index=torch.full((count,), job.trace.query_index, dtype=torch.int32),
-                    position=positions, token_id=response[positions.long()])
+                    position=positions, token_id=response[positions.long()],
+                    lookup=torch.tensor(lookup, dtype=torch.float32).reshape(-1, LOOKUP_SIZE))
         job.parts.append(part)
         start += count
 

@@ -41,7 +41,7 @@ POLL_S = 0.002  # how long step() waits for the engine process before it returns
 # reader, and the caches it leaves cold), which a small model's 0.5 ms step would otherwise pay every token.
 # Driven directly on the demo pair at batch 1 (ms per token, engine process / in process): at 2 ms, small
 # 0.55 / 0.49 and large 2.70 / 2.55; at 5 ms, small 0.52 / 0.48 and large 2.61 / 2.57. 5 ms is a GPU engine's
-# step: a stream reader sees a burst of a few tokens 200 times a second. Every step is still its own delta.
+# step: a stream reader sees a burst of a few tokens 200 times a second, one output per sequence per message.
 STREAM_INTERVAL_S = 0.005
 IDLE_REPORT_S = 1.0  # how often an idle engine process reports its state (for /health and /metrics)
 
