@@ -51,7 +51,9 @@ def _breakdown_rows(runs: list[Run]) -> list[str]:
 
 
 def markdown(runs: list[Run], checks: list[dict], meta: dict) -> str:
-    lines = ["# collab-decode benchmark", "", f"Machine: {meta.get('machine', '?')}", "",
+    threads = (f" Engine threads: {meta['threads']}, {meta['chunk_threads']} for a long chunk at low load."
+               if "chunk_threads" in meta else "")
+    lines = ["# collab-decode benchmark", "", f"Machine: {meta.get('machine', '?')}.{threads}", "",
              f"Command: `{meta.get('command', '?')}`", "",
              f"Took {meta.get('minutes', '?')} minutes. Load average before / after: {meta.get('load_before', '?')} "
              f"/ {meta.get('load_after', '?')}.", "",

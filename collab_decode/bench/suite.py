@@ -28,7 +28,7 @@ from collab_decode.bench.measure import drive_engine
 from collab_decode.bench.figures import write_report
 from collab_decode.bench.report import Run, add_speedups, best_routed, make_run
 from collab_decode.bench.workload import MAX_SOLUTION_TOKENS, demo_workload
-from collab_decode.serve.cli import default_threads, serving_addresses
+from collab_decode.serve.cli import default_threads, serving_addresses, usable_cores
 
 POLICIES = ["small", "large", "entropy:0.3", "entropy:0.6", "entropy:1.0", "entropy:1.5", "entropy:2.0",
             "step-entropy:0.6", "step-entropy:1.2", "step-entropy:2.0", "random:0.05", "random:0.1",
@@ -45,9 +45,10 @@ def num_requests(level: int, batch1_requests: int) -> int:
 class ServerProcess:
     """`collab-decode serve --small S --large L [--router NAME=DIR ...]` on free ports, until stop()."""
 
-    def __init__(self, small: str, large: str, threads: int, routers: list[str] = ()):
+    def __init__(self, small: str, large: str, threads: int, routers: list[str] = (), chunk_threads: int = 0):
         cmd = [sys.executable, "-m", "collab_decode.cli", "serve", "--small", small, "--large", large, "--port", "0",
-               "--grpc-port", "0", "--log-level", "warning", "--threads", str(threads)]
+               "--grpc-port", "0", "--log-level", "warning", "--threads", str(threads),
+               "--chunk-threads", str(chunk_threads)]
         cmd += [arg for router in routers for arg in ("--router", router)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
@@ -164,6 +165,7 @@ def run_suite(args: argparse.Namespace) -> None:
 
     from collab_decode.demo import checkpoint_dir
     from collab_decode.engine.args import routers_from_args
+    from collab_decode.engine.config import EngineConfig
     from collab_decode.engine.loading import build_engine
     from collab_decode.pairs import pair_routers
 
@@ -173,7 +175,8 @@ def run_suite(args: argparse.Namespace) -> None:
         demo = (str(checkpoint_dir("small")), str(checkpoint_dir("large")))
         args.router = [f"{n}={p}" for n, p in pair_routers("demo").items()] if (args.small, args.large) == demo else []
     routers = routers_from_args(args.router)
-    engine = build_engine(args.small, args.large, routers=routers)
+    engine = build_engine(args.small, args.large, routers=routers,
+                          config=EngineConfig(chunk_threads=args.chunk_threads))
     if args.policies is None:
         args.policies = POLICIES + (NEURAL_POLICIES if routers else [])
     bench = Bench(demo_workload(engine.tokenizer, args.num_problems, max_tokens=args.max_tokens), engine)
@@ -181,7 +184,7 @@ def run_suite(args: argparse.Namespace) -> None:
     server = None
     if server_modes:
         print(f"starting the server (collab-decode serve --small {args.small} --large {args.large}) ...", flush=True)
-        server = bench.server = ServerProcess(args.small, args.large, args.threads, args.router)
+        server = bench.server = ServerProcess(args.small, args.large, args.threads, args.router, args.chunk_threads)
         bench.connect(server.url, server.grpc_target if args.grpc else None, None, not args.no_stream)
     try:
         bench.warm_up(args.policies)
@@ -203,7 +206,8 @@ def run_suite(args: argparse.Namespace) -> None:
     meta = {"machine": machine(), "command": "collab-decode bench run " + " ".join(args.argv),
             "minutes": round((time.time() - start) / 60, 1), "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()], "num_problems": args.num_problems,
-            "best_routed_batch1": best.policy if best else None}
+            "best_routed_batch1": best.policy if best else None, "threads": args.threads,
+            "chunk_threads": args.chunk_threads}
     write_report(Path(args.out), runs, meta, html)
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, pareto.png, answers.html ({meta['minutes']} minutes)")
@@ -280,6 +284,9 @@ def run_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=default_threads(),
                    help="torch threads of this process's engine and of the server's (default: serve's, "
                         f"{default_threads()} here)")
+    p.add_argument("--chunk-threads", type=int, default=usable_cores(),
+                   help="torch threads of a long chunk (a prompt, a catch-up) at low load, in both engines "
+                        f"(default: serve's, {usable_cores()} here)")
     p.add_argument("--grpc", action="store_true", help="drive the server over gRPC too")
     _common_args(p, "bench_results/report")
     p.set_defaults(suite=run_suite)

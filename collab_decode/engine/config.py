@@ -26,6 +26,12 @@ class EngineConfig:
         "routing policy for requests that name none: small | large | random:p | entropy:t | confidence:t | "
         "step-entropy:t | neural[:NAME][:t] | speculative:k"))
     step_delimiter: str = field(default="\n\n", metadata=_doc("text that ends a reasoning step (step-level policies)"))
+    chunk_threads: int = field(default=0, metadata=_doc(
+        "torch threads for a forward that runs at least 8 new tokens (a prompt, the large model's catch-up) "
+        "while at most --chunk-threads-max-batch sequences run; 0: the same threads as every other forward"))
+    chunk_threads_max_batch: int = field(default=4, metadata=_doc(
+        "the most running sequences at which a chunk gets --chunk-threads (more: the engine's batches and the "
+        "server's own work keep every core busy)"))
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self):
@@ -34,5 +40,8 @@ class EngineConfig:
         for name in ("small_kv_bytes", "large_kv_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.chunk_threads < 0 or self.chunk_threads_max_batch < 1:
+            raise ValueError(f"chunk_threads must be >= 0 and chunk_threads_max_batch >= 1, got "
+                             f"{self.chunk_threads} and {self.chunk_threads_max_batch}")
         if not self.step_delimiter:
             raise ValueError("step_delimiter must be a non-empty string")

@@ -166,6 +166,9 @@ class Engine:
         t0 = time.perf_counter()
         self.runner.times = StepTimes()
         plan = self.scheduler.schedule()
+        # at low load the cores the engine's threads leave (the server's, idle then) take the long chunks
+        low_load = len(self.scheduler.running) <= self.config.chunk_threads_max_batch
+        self.runner.chunk_threads = self.config.chunk_threads if low_load else 0
         token_plan, spec_seqs = self.split_speculative(plan)
         proposals, small_view = self.run_small(token_plan)  # seq_id -> proposed token; the small model's view
         routed = self.route(proposals, small_view)

@@ -19,6 +19,9 @@ from collab_decode.kvcache import KVCacheManager
 from collab_decode.sampling import SampleOutput, Sampler
 
 
+CHUNK_MIN_TOKENS = 8  # new tokens from which a forward is a chunk (a prompt, a catch-up) for chunk_threads
+
+
 @dataclass
 class StepTimes:
     """Seconds spent in one step, by part (for the engine-overhead benchmark)."""
@@ -36,6 +39,8 @@ class ModelRunner:
         self.vocab_size = vocab_size  # ids every model and the tokenizer know (padding rows are cut off)
         self.sampler = Sampler()
         self.times = StepTimes()
+        # torch threads for a forward of >= CHUNK_MIN_TOKENS tokens (0: unchanged); the engine sets it each step
+        self.chunk_threads = 0
 
     def forward(self, model: str, seqs: list[Sequence], num_new: list[int], all_positions: bool = False
                 ) -> ModelOutput:
@@ -49,7 +54,10 @@ class ModelRunner:
             chunks.append(SeqChunk(seq.seq_id, seq.token_ids[start:start + n], start,
                                    self.kv[model].block_table(seq.seq_id), all_positions or scores))
         t0 = time.perf_counter()
-        out = self.backends[model].forward(ModelInput(chunks))
+        if self.chunk_threads and sum(num_new) >= CHUNK_MIN_TOKENS:
+            out = self._forward_threaded(model, chunks)
+        else:
+            out = self.backends[model].forward(ModelInput(chunks))
         elapsed = time.perf_counter() - t0
         if model == SMALL:
             self.times.small_forward += elapsed
@@ -60,6 +68,14 @@ class ModelRunner:
                 record_prompt_logprobs(seq, chunk.num_cached, out.all_logits[seq.seq_id][:, :self.vocab_size])
             seq.num_cached[model] += n
         return out
+
+    def _forward_threaded(self, model: str, chunks: list[SeqChunk]) -> ModelOutput:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.chunk_threads)  # ~0.1 us a switch
+        try:
+            return self.backends[model].forward(ModelInput(chunks))
+        finally:
+            torch.set_num_threads(threads)
 
     def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, V') -> (B, V): the columns of ids the tokenizer knows (a model's padding rows cut off)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from collab_decode.models.config import ConfigError, ModelConfig
+from collab_decode.models.layers import Linear
 from collab_decode.models.registry import model_class
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,4 +111,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     check_tensors(model, tensors, config.tie_word_embeddings)
     model = cls(config).to(dtype=torch_dtype)  # real storage only once all checks passed
     model.load_checkpoint({n: t.to(torch_dtype) for n, t in tensors.items()})
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    pack_linears(model)
+    return model
+
+
+def pack_linears(model: torch.nn.Module) -> None:
+    """Each Linear's weight stored the way its products run fastest (layers.Linear.pack), except a weight
+    an embedding shares (a tied output layer), which stays row-major for the lookups."""
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for m in model.modules():
+        if isinstance(m, Linear) and id(m.weight) not in embedded:
+            m.pack()

@@ -33,11 +33,15 @@ def serving_addresses(text: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_threads() -> int:
     """One torch thread fewer than this process may use, at least one: the event loop, the network and the
     OS keep a core of their own (as vLLM's CPU backend reserves one for its API server). An OpenMP
     thread that something else preempts stalls every op of the engine (docs/benchmarks.md)."""
-    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else 1
+    return max(1, usable_cores() - 1)
 
 
 def add_serve_parser(sub) -> None:
@@ -55,6 +59,11 @@ def add_serve_parser(sub) -> None:
     policy.help = (f"routing policy for requests that name none (default: {ROUTED_DEFAULT_POLICY} for a pair "
                    f"with a neural router, as the demo pair, {PAIR_DEFAULT_POLICY} for a pair without one, small "
                    "for one model)")
+    chunk = serve._option_string_actions["--chunk-threads"]
+    chunk.default = usable_cores()
+    chunk.help = ("torch threads for a forward of at least 8 new tokens (a prompt, the large model's catch-up) "
+                  "while at most --chunk-threads-max-batch sequences run: the server's own process is nearly idle "
+                  f"then (default: every core this process may use, {usable_cores()} here; 0: --threads)")
     serve._option_string_actions["--pair"].help = "a shipped pair by name (default: demo, unless --model or " \
                                                    "--small/--large is given)"
     s = serve.add_argument_group("server")

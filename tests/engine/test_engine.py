@@ -210,3 +210,38 @@ def test_long_prompts_prefill_in_chunks_within_the_token_budget(engine, pair, po
     assert max(sizes) == 4
     assert [r.token_ids for r in results] == [r.token_ids for r in run_alone(engine, policy)]
     check_all_free(chunked)
+
+
+def test_long_chunks_take_chunk_threads_at_low_load(pair):
+    """chunk_threads: a forward of >= 8 new tokens (a prompt, a catch-up) runs on that many torch threads
+    while at most chunk_threads_max_batch sequences run; decode steps, and every forward above that batch,
+    keep the process's threads, which are restored after each chunk. Greedy outputs do not change."""
+    from collab_decode.engine.runner import CHUNK_MIN_TOKENS
+
+    seen = []  # (model, new tokens, torch threads inside the forward)
+
+    def record(engine):
+        for name, backend in engine.backends.items():
+            def forward(batch, name=name, inner=backend.forward):
+                seen.append((name, sum(len(c.token_ids) for c in batch.chunks), torch.get_num_threads()))
+                return inner(batch)
+            backend.forward = forward
+        return engine
+
+    assert torch.get_num_threads() == 1  # tests/conftest.py
+    threaded = record(make_engine(*pair, chunk_threads=2, chunk_threads_max_batch=2))
+    prompts = [[1 + (7 * i + j) % 60 for j in range(12)] for i in range(3)]
+    sampling = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = threaded.generate(prompts[:1], sampling, "entropy:0.5")
+    assert torch.get_num_threads() == 1
+    chunks = [(m, n, t) for m, n, t in seen if n >= CHUNK_MIN_TOKENS]
+    assert {m for m, _, _ in chunks} == {"small", "large"}  # both prompts; the large one's first call
+    assert all(t == 2 for _, _, t in chunks)
+    assert all(t == 1 for _, n, t in seen if n < CHUNK_MIN_TOKENS)
+    seen.clear()
+    busy = threaded.generate(prompts, sampling, "entropy:0.5")  # 3 running > chunk_threads_max_batch
+    assert [n for _, n, _ in seen if n >= CHUNK_MIN_TOKENS] and all(t == 1 for _, _, t in seen)
+    plain = make_engine(*pair)
+    assert [g.token_ids for g in alone + busy] == [
+        g.token_ids for g in plain.generate(prompts[:1], sampling, "entropy:0.5") + plain.generate(
+            prompts, sampling, "entropy:0.5")]

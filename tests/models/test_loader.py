@@ -199,3 +199,23 @@ def test_transformers_4_rope_config_reads_like_5(tmp_path, arch, rope_type):
     edit_config(path, rope_parameters=None, rope_theta=theta, rope_scaling=params)
     assert ModelConfig.from_dir(path) == expected
     assert expected.rope.type == rope_type
+
+
+def test_loaded_linears_are_packed_except_a_tied_output_layer(tmp_path):
+    """The loader stores each Linear's weight (in, out) in memory (models/layers.py Linear.pack): the same
+    (out, in) parameter, the same products; the tied output layer keeps the embedding's row-major table."""
+    from collab_decode.models.layers import Linear
+
+    model = load_model(save_hf_model(tmp_path / "tied", "llama-tied-mha"))
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+    assert not linears["lm_head"].packed and model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.embed_tokens.weight.is_contiguous()
+    packed = [m for name, m in linears.items() if name != "lm_head"]
+    assert packed and all(m.packed and m.weight.t().is_contiguous() for m in packed)
+    layer = packed[0]
+    plain = Linear(layer.in_features, layer.out_features, bias=False)
+    plain.weight.data.copy_(layer.weight)
+    assert plain.weight.is_contiguous() and not plain.packed
+    for rows in (1, 2, 5, 16, 40):  # both sides of SWAP_MIN_ELEMENTS for the plain layer
+        x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(rows))
+        torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Mutation:
     id: str
-    area: str  # routing | catch-up | scheduler | kv | speculative | stop | abort | serve | sampling | isolation
+    area: str  # routing | catch-up | scheduler | kv | speculative | stop | abort | serve | sampling | isolation | speed
     file: str  # relative to the repository root
     old: str  # text that occurs exactly once in `file`
     new: str  # what it becomes
@@ -82,6 +82,22 @@ MUTATIONS: list[Mutation] = [
              "            seq.num_cached[SMALL] = seq.num_tokens - 1\n"
              "        num_new = min(seq.num_tokens - seq.num_cached[SMALL], budget)",
              (REFERENCE,), "the small model skips catching up on tokens the large model wrote (step mode)"),
+    # ---- threads and weight layout (speed paths that must not change a result) ----------------------
+    Mutation("chunk-threads-not-restored", "speed", "collab_decode/engine/runner.py",
+             "            torch.set_num_threads(threads)\n", "            pass\n",
+             ("tests/engine/test_engine.py::test_long_chunks_take_chunk_threads_at_low_load",),
+             "a long chunk's threads stay on for every later forward (decode steps contend with the server)"),
+    Mutation("chunk-threads-at-any-load", "speed", ENGINE,
+             "low_load = len(self.scheduler.running) <= self.config.chunk_threads_max_batch",
+             "low_load = True",
+             ("tests/engine/test_engine.py::test_long_chunks_take_chunk_threads_at_low_load",),
+             "chunks take the extra threads however many sequences run"),
+    Mutation("packed-weight-read-unpacked", "speed", "collab_decode/models/layers.py",
+             "            y = torch.mm(x, self.weight.t())  # (rows, out)",
+             "            y = torch.mm(x, self.weight.t().contiguous().view(self.weight.shape).t())  # (rows, out)",
+             ("tests/models/test_loader.py::test_loaded_linears_are_packed_except_a_tied_output_layer",
+              "tests/models/test_parity.py"),
+             "a packed weight's memory read as if it were (out, in): every product wrong"),
     # ---- scheduler: admission, budget, preemption ---------------------------------------------------
     Mutation("admission-ignores-pools", "scheduler", SCHEDULER,
              "if not all(self.kv[m].can_allocate(seq.seq_id, seq.num_tokens + 1) for m in self._pools_of(seq)):",
