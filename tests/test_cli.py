@@ -215,7 +215,8 @@ def test_engine_flags_reach_the_engine(pair, tmp_path):
         "generate", "--small", str(pair[0]), "--large", str(pair[1]), "--prompt", "x", "--backend", "transformers",
         "--dtype", "bfloat16", "--block-size", "8", "--small-kv-mib", "3", "--large-kv-mib", "5",
         "--max-num-seqs", "5", "--max-num-batched-tokens", "77", "--max-model-len", "100", "--step-delimiter", ";",
-        "--default-policy", "entropy:0.5", "--router", f"first={routers[0]}", "--router", str(routers[1])])
+        "--default-policy", "entropy:0.5", "--router", f"first={routers[0]}", "--router", str(routers[1]),
+        "--chunk-threads", "2", "--chunk-threads-max-batch", "3"])
     engine = engine_from_args(args)
     assert list(engine.router_context.routers) == ["first", "two"]  # NAME=DIR, or the directory's name
     assert all(isinstance(b, TransformersBackend) and b.dtype == torch.bfloat16 for b in engine.backends.values())
@@ -223,6 +224,7 @@ def test_engine_flags_reach_the_engine(pair, tmp_path):
     assert (c.block_size, c.small_kv_bytes, c.large_kv_bytes, c.step_delimiter, c.default_policy) == \
         (8, 3 << 20, 5 << 20, ";", "entropy:0.5")
     assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens, c.scheduler.max_model_len) == (5, 77, 100)
+    assert (c.chunk_threads, c.chunk_threads_max_batch) == (2, 3)
     assert engine.max_model_len == 100
     args = build_parser().parse_args(["generate", "--model", str(pair[0]), "--prompt", "x", "--compile",
                                       "--device", "cpu", "--dtype", "float16", "--max-num-batched-tokens", "9"])
@@ -256,7 +258,8 @@ GENERATE_FLAGS_CHECKED = {
     "--model", "--pair", "--small", "--large", "--backend", "--dtype", "--device", "--compile", "--block-size",
     "--small-kv-mib", "--large-kv-mib", "--default-policy", "--step-delimiter", "--max-num-seqs",
     "--max-num-batched-tokens", "--max-model-len", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed",
-    "--stop", "--prompt", "--policy", "--chat", "--json", "--help", "--router",
+    "--stop", "--prompt", "--policy", "--chat", "--json", "--help", "--router", "--chunk-threads",
+    "--chunk-threads-max-batch",
 }
 
 

@@ -86,7 +86,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
         "--log-level", "debug", "--threads", 2, "--drain-timeout", 7.5, "--max-body-bytes", 1000,
         "--max-prompt-chars", 900, "--max-prompt-tokens", 80, "--max-output-tokens", 70, "--max-stop", 3,
         "--max-stop-chars", 9, "--max-messages", 6, "--request-timeout", 30, "--header-timeout", 2.5,
-        "--idle-timeout", 3.5)
+        "--idle-timeout", 3.5, "--chunk-threads", 3, "--chunk-threads-max-batch", 2)
     assert torch.get_num_threads() == 2  # set by the engine's builder, before the models load
     torch.set_num_threads(1)  # what the test suite runs with
     limits = Limits(max_body_bytes=1000, max_prompt_chars=900, max_prompt_tokens=80, max_output_tokens=70, max_stop=3,
@@ -103,6 +103,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
     assert (c.block_size, c.small_kv_bytes, c.large_kv_bytes, c.default_policy, c.step_delimiter) == \
         (8, 3 << 20, 5 << 20, "entropy:0.5", ";")
     assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens, c.scheduler.max_model_len) == (5, 77, 100)
+    assert (c.chunk_threads, c.chunk_threads_max_batch) == (3, 2)
     assert "serving 'mine' (default policy entropy:0.5): REST http://0.0.0.0:1234/v1, gRPC 0.0.0.0:4321; " \
            "API key required" in printed
     assert serving_addresses(printed) == ("http://0.0.0.0:1234", "0.0.0.0:4321")  # what bench and soak read
@@ -113,6 +114,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
     backend = server.engine.backends["small"]
     assert isinstance(backend, NativeBackend) and backend._compiled is not None and len(server.engine.backends) == 1
     assert server.engine.config.default_policy == "small"
+    assert server.engine.config.chunk_threads == len(os.sched_getaffinity(0))  # serve's default: every core
     # no model named: the demo pair, under its default policy
     monkeypatch.delenv(API_KEY_ENV)
     for args in ((), ("--pair", "demo")):
@@ -129,7 +131,8 @@ SERVE_FLAGS_CHECKED = {
     "--max-num-batched-tokens", "--max-model-len", "--host", "--port", "--grpc-port", "--api-key", "--max-queue",
     "--served-model-name", "--router", "--log-level", "--threads", "--help", "--drain-timeout", "--max-body-bytes",
     "--max-prompt-chars", "--max-prompt-tokens", "--max-output-tokens", "--max-stop", "--max-stop-chars",
-    "--max-messages", "--request-timeout", "--header-timeout", "--idle-timeout",
+    "--max-messages", "--request-timeout", "--header-timeout", "--idle-timeout", "--chunk-threads",
+    "--chunk-threads-max-batch",
 }
 
 
