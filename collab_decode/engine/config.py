@@ -27,8 +27,8 @@ class EngineConfig:
         "step-entropy:t | neural[:NAME][:t] | speculative:k"))
     step_delimiter: str = field(default="\n\n", metadata=_doc("text that ends a reasoning step (step-level policies)"))
     chunk_threads: int = field(default=0, metadata=_doc(
-        "torch threads for a forward that runs at least 8 new tokens (a prompt, the large model's catch-up) "
-        "while at most --chunk-threads-max-batch sequences run; 0: the same threads as every other forward"))
+        "torch threads for a large-model forward of at least 8 new tokens (its catch-up, a prompt) while at "
+        "most --chunk-threads-max-batch sequences run; 0: the same threads as every other forward"))
     chunk_threads_max_batch: int = field(default=4, metadata=_doc(
         "the most running sequences at which a chunk gets --chunk-threads (more: the engine's batches and the "
         "server's own work keep every core busy)"))

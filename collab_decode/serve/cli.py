@@ -61,7 +61,7 @@ def add_serve_parser(sub) -> None:
                    "for one model)")
     chunk = serve._option_string_actions["--chunk-threads"]
     chunk.default = usable_cores()
-    chunk.help = ("torch threads for a forward of at least 8 new tokens (a prompt, the large model's catch-up) "
+    chunk.help = ("torch threads for a large-model forward of at least 8 new tokens (its catch-up, a prompt) "
                   "while at most --chunk-threads-max-batch sequences run: the server's own process is nearly idle "
                   f"then (default: every core this process may use, {usable_cores()} here; 0: --threads)")
     serve._option_string_actions["--pair"].help = "a shipped pair by name (default: demo, unless --model or " \
