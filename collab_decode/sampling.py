@@ -142,7 +142,9 @@ class SampleOutput:
         (a copy of B floats: cheaper at batch 1 than more tensor ops)."""
         if self._nonfinite_rows is None:
             maxes = [] if self.row_max is None else self.row_max.tolist()
-            self._nonfinite_rows = [row for row, m in enumerate(maxes) if not math.isfinite(m)]
+            # a sum of finite maxes is finite (one that overflows sends every row to the check below)
+            finite = math.isfinite(sum(maxes))
+            self._nonfinite_rows = [] if finite else [row for row, m in enumerate(maxes) if not math.isfinite(m)]
         return self._nonfinite_rows
 
 

@@ -96,9 +96,10 @@ class Scheduler:
             return budget - 1
         num_new = min(seq.num_tokens - seq.num_cached[SMALL], budget)  # its backlog, within the budget
         target = seq.num_cached[SMALL] + num_new
-        if not self._make_room(SMALL, seq, target, out):
-            return budget  # it was the youngest: preempted itself
-        self.kv[SMALL].allocate(seq.seq_id, target)
+        if not self.kv[SMALL].holds(seq.seq_id, target):  # (the usual decode step: its last block has room)
+            if not self._make_room(SMALL, seq, target, out):
+                return budget  # it was the youngest: preempted itself
+            self.kv[SMALL].allocate(seq.seq_id, target)
         out.seqs.append(seq)
         out.num_new_tokens.append(num_new)
         return budget - num_new

@@ -40,6 +40,11 @@ class KVCacheManager:
         num_held = len(self._tables.get(seq_id, ()))
         return max(0, _ceil_div(num_tokens, self.block_size) - num_held)
 
+    def holds(self, seq_id: int, num_tokens: int) -> bool:
+        """`seq_id`'s table already holds room for `num_tokens` tokens (allocate would add nothing)."""
+        table = self._tables.get(seq_id)
+        return table is not None and num_tokens <= len(table) * self.block_size
+
     def can_allocate(self, seq_id: int, num_tokens: int) -> bool:
         return self.pool.can_allocate(self.num_blocks_needed(seq_id, num_tokens))
 

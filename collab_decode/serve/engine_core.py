@@ -270,6 +270,8 @@ class EngineCoreClient:
 def run_engine_core(build: Callable, conn) -> None:
     """The engine process: build the engine, then apply commands between steps and send every step's
     outputs, until told to stop or the server process is gone."""
+    import torch
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
     try:
         engine = build()
@@ -280,9 +282,10 @@ def run_engine_core(build: Callable, conn) -> None:
                EngineState.of(engine)))
     core = _Core(engine, conn)
     try:
-        while core.apply(block=not engine.has_unfinished()):
-            if engine.has_unfinished():
-                core.step()
+        with torch.inference_mode():  # once, not once a step (Engine.step)
+            while core.apply(block=not engine.has_unfinished()):
+                if engine.has_unfinished():
+                    core.step()
     except (EOFError, BrokenPipeError, OSError):
         pass  # the server process is gone
 
