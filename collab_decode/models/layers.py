@@ -47,10 +47,11 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
             return super().forward(x)
-        if x.shape[0] == 1 and torch.compiler.is_compiling():
-            y = (self.weight * x).sum(dim=-1)[None]  # (1, out)
-        elif self.packed:  # (a packed weight is float32 on the CPU, as x is here)
+        if self.packed:  # (a packed weight is float32 on the CPU, as x is here); compiled too: the sum of
+            # products below, over a packed weight, ran the compiled large model at 332 tokens/s against 589
             y = torch.mm(x, self.weight.t())  # (rows, out): the (in, out) storage, read as it lies
+        elif x.shape[0] == 1 and torch.compiler.is_compiling():
+            y = (self.weight * x).sum(dim=-1)[None]  # (1, out)
         elif x.shape[0] * x.shape[1] < self.SWAP_MIN_ELEMENTS:
             return super().forward(x)
         else:
