@@ -202,13 +202,15 @@ class Engine:
         """Small forward over every scheduled chunk; sample proposals where a sequence reached its end.
         Also returns what the small model saw at those sequences' last positions, for the routers."""
         proposals: dict[int, Proposal] = {}
-        run = [(s, n) for s, n in zip(plan.seqs, plan.num_new_tokens) if n > 0]
+        seqs, num_new = [], []
         for seq, n in zip(plan.seqs, plan.num_new_tokens):
-            if n == 0:
+            if n:
+                seqs.append(seq)
+                num_new.append(n)
+            else:
                 proposals[seq.seq_id] = Proposal(seq, routed=True)  # large-owned: no small forward
-        if not run:
+        if not seqs:
             return proposals, None
-        seqs, num_new = [s for s, _ in run], [n for _, n in run]
         out = self.runner.forward(SMALL, seqs, num_new)
         rows = [i for i, s in enumerate(seqs) if s.num_cached[SMALL] == s.num_tokens]
         if not rows:
@@ -224,6 +226,8 @@ class Engine:
         for j, seq in enumerate(sampled):
             proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j,
                                              error=nonfinite_error(SMALL) if j in nonfinite else None)
+        if not any(s.uses_large for s in sampled):  # no router asks (`small`): route() needs no view
+            return proposals, None
         inputs = RouterInputs([s.router_state for s in sampled], logits, hidden, sample.token_ids,
                               self.backends[SMALL].embed, sample.row_max, sampled)
         return proposals, SmallView(sampled, inputs)

@@ -175,11 +175,12 @@ class OutputProcessor:
         """After a step committed num_new tokens: detokenize, apply stop strings, track step ends, finish."""
         reason = self.stop_reason(seq)
         new_text, stopped = "", False
-        if reason is not None or seq.stream_text or seq.sampling.stop or seq.mode == "step":
+        step_mode = seq.mode == "step"
+        if reason is not None or seq.stream_text or seq.sampling.stop or step_mode:
             new_text, stopped = self.detokenizer.update(seq, final=reason is not None)
         if stopped:
             reason = "stop"
-        if seq.mode == "step" and self._ends_step(seq):
+        if step_mode and self._ends_step(seq):
             seq.step_owner = None  # the next position starts a step: the router decides again
         if reason is not None:
             self.finish(seq, reason)
