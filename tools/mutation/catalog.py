@@ -60,7 +60,7 @@ MUTATIONS: list[Mutation] = [
              "proposals[seq.seq_id].routed = routed", 'proposals[seq.seq_id].routed = routed and seq.mode == "token"',
              (REFERENCE,), "the first token of a large-owned step is written by the small model"),
     Mutation("step-every-token", "routing", OUTPUT,
-             'if seq.mode == "step" and self._ends_step(seq):', 'if seq.mode == "step":',
+             "if step_mode and self._ends_step(seq):", "if step_mode:",
              (REFERENCE,), "step-level routing decides at every token (steps never last)"),
     # ---- catch-up -----------------------------------------------------------------------------------
     Mutation("large-skips-catchup", "catch-up", ENGINE,
@@ -198,7 +198,7 @@ MUTATIONS: list[Mutation] = [
              (OUTPUT_TESTS,), "a request that does not stream text (generate, the engine process) checks its stop "
                               "strings only once it ends: it runs past them"),
     Mutation("step-ends-unseen-without-text", "stop", OUTPUT,
-             ' or seq.sampling.stop or seq.mode == "step":', " or seq.sampling.stop:",
+             " or seq.sampling.stop or step_mode:", " or seq.sampling.stop:",
              ("tests/engine/test_routing.py",), "step routing without streamed text never sees a step end: the first "
                                                 "step's owner writes the whole answer"),
     Mutation("engine-process-text-only-at-the-end", "serve", "collab_decode/serve/engine_core.py",
