@@ -285,8 +285,8 @@ def run_parser(p: argparse.ArgumentParser) -> None:
                    help="torch threads of this process's engine and of the server's (default: serve's, "
                         f"{default_threads()} here)")
     p.add_argument("--chunk-threads", type=int, default=usable_cores(),
-                   help="torch threads of a long chunk (a prompt, a catch-up) at low load, in both engines "
-                        f"(default: serve's, {usable_cores()} here)")
+                   help="torch threads of a long large-model chunk (its catch-up, a prompt) at low load, in both "
+                        f"engines (default: serve's, {usable_cores()} here)")
     p.add_argument("--grpc", action="store_true", help="drive the server over gRPC too")
     _common_args(p, "bench_results/report")
     p.set_defaults(suite=run_suite)
