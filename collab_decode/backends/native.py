@@ -7,6 +7,7 @@ padded block tables and key mask, and the prefill chunks. The model then runs ev
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -27,6 +28,9 @@ class NativeBackend:
         # Only decode-only batches (the bulk of generation) take the compiled path, so its graph sees one
         # metadata layout; batches with prefill chunks run eagerly. The first calls compile (~1 minute).
         self._compiled = torch.compile(model.decode, dynamic=True) if compile else None
+        # a model whose forward takes `keep` runs a chunk's last layer on the rows read only (an architecture
+        # added with a forward of its own, without it, runs every row)
+        self._keeps_rows = "keep" in inspect.signature(model.forward).parameters
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -81,8 +85,11 @@ class NativeBackend:
             # one token per sequence, so each token is its sequence's last
             last_hidden, logits = self._compiled(input_ids, cos, sin, self.cache, meta)
             return ModelOutput(logits=logits.float(), hidden=last_hidden)
-        hidden = self.model(input_ids, cos, sin, self.cache, meta)  # (T, hidden)
-        last_hidden = hidden if meta.only_decodes else hidden[last_idx]  # (B, hidden): one token each, its last
+        if meta.only_decodes or not self._keeps_rows or any(c.all_positions for c in batch.chunks):
+            hidden = self.model(input_ids, cos, sin, self.cache, meta)  # (T, hidden)
+            last_hidden = hidden if meta.only_decodes else hidden[last_idx]  # (B, hidden): each sequence's last
+        else:  # chunks read at their last token only: the last layer runs the rest of the rows no further
+            last_hidden = self.model(input_ids, cos, sin, self.cache, meta, keep=last_idx)  # (B, hidden)
         out = ModelOutput(logits=self.model.logits(last_hidden).float(), hidden=last_hidden)
         start = 0
         for chunk, n in zip(batch.chunks, chunk_lens):

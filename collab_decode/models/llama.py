@@ -71,10 +71,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta):
+    def forward(self, x, cos, sin, k_cache, v_cache, meta, keep: torch.Tensor | None = None):
+        """x (T, hidden) -> (T, hidden); with `keep` (row indices), only those rows' outputs (len(keep), hidden).
+        Every row's k/v still enters the cache: `keep` spares the attention output's projection and the MLP of
+        rows nobody reads (a prefill chunk's rows before its last, in the last layer)."""
         attn = self.self_attn
         q, k, v = attn.project(self.input_layernorm(x), cos, sin)
-        x = x + attn.o_proj(attn.attn(q, k, v, k_cache, v_cache, meta))
+        o = attn.attn(q, k, v, k_cache, v_cache, meta)
+        if keep is not None:
+            x, o = x[keep], o[keep]
+        x = x + attn.o_proj(o)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -106,11 +112,13 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids (T,) -> final hidden states (T, hidden), after the last norm."""
+                meta: AttentionMetadata, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (T,) -> final hidden states (T, hidden), after the last norm; with `keep` (row indices),
+        those rows' only (len(keep), hidden): the last layer runs its projection and MLP on them alone."""
         x = self.model.embed_tokens(input_ids)
-        for layer, k_cache, v_cache in zip(self.model.layers, cache.k, cache.v):
-            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        last = len(self.model.layers) - 1
+        for i, (layer, k_cache, v_cache) in enumerate(zip(self.model.layers, cache.k, cache.v)):
+            x = layer(x, cos, sin, k_cache, v_cache, meta, keep if i == last else None)
         return self.model.norm(x)
 
     def checkpoint_shapes(self) -> dict[str, torch.Size]:

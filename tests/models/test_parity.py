@@ -132,6 +132,46 @@ def test_ragged_batch_matches_hf_per_sequence(arch, backend):
             assert_close(actual, expected)
 
 
+def test_ragged_batch_read_at_last_rows_equals_every_row(arch, backend):
+    """A forward nobody reads at every position (no all_positions) runs the last layer's projection and MLP on
+    each sequence's last row only: its logits and hidden states, and the K/V every layer leaves in the cache
+    (the last layer's too, for every row), equal those of the same forwards read at every position."""
+    tables = {0: [13, 8, 5, 22, 31], 1: [2, 19, 30, 29, 16], 2: [27, 0, 11, 28, 9]}
+    ids = {0: random_ids(19, seed=4), 1: random_ids(20, seed=5), 2: random_ids(17, seed=6)}
+    schedule = [{1: (0, 7), 2: (0, 9)}, {0: (0, 11), 1: (7, 1), 2: (9, 5)}, {0: (11, 6), 1: (8, 10), 2: (14, 1)}]
+    runs = []
+    for all_positions in (True, False):
+        backend.init_cache(NUM_BLOCKS, BLOCK_SIZE)
+        outs = [step(backend, *(SeqChunk(s, ids[s][c:c + n], c, tables[s], all_positions=all_positions)
+                                for s, (c, n) in plan.items())) for plan in schedule]
+        runs.append((outs, [t.clone() for t in backend.cache.k + backend.cache.v]))
+    (every, every_cache), (last, last_cache) = runs
+    for a, b in zip(every, last):
+        assert_close(b.logits, a.logits, atol=SAME_ATOL)
+        assert_close(b.hidden, a.hidden, atol=SAME_ATOL)
+    for a, b in zip(every_cache, last_cache, strict=True):
+        assert_close(b, a, atol=SAME_ATOL)
+
+
+def test_last_layer_mlp_runs_on_the_rows_read(backend):
+    """Earlier layers run every row of a chunk (their outputs feed the next layer's K/V); the last layer's MLP
+    only each sequence's last row, unless a chunk is read at every position."""
+    layers = backend.model.model.layers
+    rows: list[tuple[int, int]] = []  # (layer, rows its MLP ran)
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, args, i=i: rows.append((i, args[0].shape[0])))
+             for i, layer in enumerate(layers)]
+    try:
+        ids = random_ids(21, seed=17)
+        step(backend, SeqChunk(0, ids[:12], 0, TABLE), SeqChunk(1, ids[12:], 0, [1, 3, 4]))
+        assert rows == [(i, 21) for i in range(len(layers) - 1)] + [(len(layers) - 1, 2)]
+        rows.clear()
+        step(backend, SeqChunk(0, ids[:12], 0, TABLE, all_positions=True), SeqChunk(1, ids[12:], 0, [1, 3, 4]))
+        assert rows == [(i, 21) for i in range(len(layers))]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_decodes_padded_to_the_longest_table(arch, backend):
     """Batched decodes: short tables are padded with block 0 while block 0 holds another's keys; a
     one-token prompt runs with the decodes."""
