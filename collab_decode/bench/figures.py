@@ -27,6 +27,14 @@ def _cpu(r: Run) -> str:
     return " / ".join(_f(x, "{:.2f}") for x in (r.client_cpu_share, server.get("api"), server.get("engine")))
 
 
+def _pairs(check: dict) -> str:
+    """How a server / engine ratio was taken: its side-by-side pairs, and the ratio of the rows' medians."""
+    if "of_medians" not in check:
+        return ""
+    pairs = f"the median of the side-by-side pairs {', '.join(map(str, check['pairs']))}; " if check["pairs"] else ""
+    return f" ({pairs}ratio of the medians {check['of_medians']})"
+
+
 def _speed_rows(runs: list[Run]) -> list[str]:
     lines = ["| mode | batch / conc. | policy | accuracy | large share | tok/s | speedup | bound | of bound "
              "| TTFT p50 ms | TPOT p50 ms | TPOT p95 ms | cores: client / api / engine |", "|---" * 13 + "|"]
@@ -63,7 +71,7 @@ def markdown(runs: list[Run], checks: list[dict], meta: dict) -> str:
              "of the repeats; latency percentiles over every request of every repeat.", ""]
     if checks:
         lines += ["## Must show", ""] + [f"- {'ok' if c['ok'] else 'SHORT'}: {c['what']} = {c['value']} "
-                                         f"(target >= {c['target']})" for c in checks] + [""]
+                                         f"(target >= {c['target']}){_pairs(c)}" for c in checks] + [""]
     batch1 = [r for r in runs if r.mode == "engine" and r.level == 1]
     if batch1:
         lines += ["## Engine, batch 1, every policy", ""] + _speed_rows(batch1) + [""]

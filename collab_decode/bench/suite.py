@@ -127,7 +127,8 @@ class Bench:
         for policy in policies:  # every decode path once, before anything is timed
             drive_engine(self.engine, self.workload, policy, 1, 1)
 
-    def measure(self, mode: str, policy: str, level: int, count: int, label: str) -> None:
+    def measure(self, mode: str, policy: str, level: int, count: int, label: str, pair: int | None = None) -> None:
+        """`pair`: the repeat index of a side-by-side run (Run.tokens_per_s_paired); None for the others."""
         tty = sys.stdout.isatty()
         def progress(done: int) -> None:  # a counter that rewrites its line, on a terminal
             print(f"\r  {label}: {mode} {level} {policy}: {done}/{count} requests", end="", flush=True)
@@ -140,6 +141,8 @@ class Bench:
             after = self.server.cpu_seconds() if cpu else None
             if after is not None:
                 m.extra["server_cpu_s"] = {k: v - cpu[k] for k, v in after.items()}
+        if pair is not None:
+            m.extra["pair"] = pair
         self.measurements.setdefault((mode, level, policy), []).append(m)
         print(f"\r  {label}: {mode} {level} {policy}: {count} requests, {m.tokens_per_s:.0f} tok/s, "
               f"large share {m.large_share:.1%} ({m.seconds:.1f} s)", flush=True)
@@ -220,7 +223,7 @@ def side_by_side(bench: Bench, modes: list[str], policies: list[str], args: argp
             for policy in policies:
                 for mode in modes:
                     bench.measure(mode, policy, level, num_requests(level, args.batch1_requests),
-                                  f"[{rep + 1}/{args.repeats}]")
+                                  f"[{rep + 1}/{args.repeats}]", pair=rep)
 
 
 def load_suite(args: argparse.Namespace) -> None:

@@ -43,6 +43,11 @@ def test_bench_run_engine_and_server(tmp_path, capsys):
     batch1 = [r for r in report["runs"] if r["mode"] == "engine" and r["batch_size"] == 1]
     assert all(r["breakdown"]["steps_per_token"] > 0 for r in batch1)
     assert all((r["bound"] is None) == (r["policy"] == "large") for r in batch1)  # bound: of routing
+    # stage 3's repeats are paired across modes (server / engine ratios pair them); stage 2's are not
+    assert all(len(r["tokens_per_s_paired"]) == 1 for r in report["runs"] if (r["batch_size"] or 0) != 1)
+    side = {"small", "large", report["meta"]["best_routed_batch1"]}
+    assert {r["policy"] for r in batch1 if r["tokens_per_s_paired"]} == side
+    assert all(len(c["pairs"]) == 1 for c in report["checks"] if "of_medians" in c)
     assert (out / "pareto.png").stat().st_size > 0 and "<span class='" in (out / "answers.html").read_text()
 
 
