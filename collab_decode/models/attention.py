@@ -61,9 +61,11 @@ class PagedAttention(nn.Module):
         self.group = num_heads // num_kv_heads  # query heads per kv head
         self.scale = head_dim ** -0.5
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """q (T, H, D), k/v (T, Hkv, D): write k/v into the paged cache, attend over each sequence's keys;
-        returns (T, H * D), before the output projection."""
+        returns (T, H * D), before the output projection. With `keep` (row indices: each sequence's last row),
+        those rows' only (len(keep), H * D); every row's k/v is written all the same."""
         num_tokens = q.shape[0]
         flat_shape = (-1, self.num_kv_heads, self.head_dim)
         k_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, k)
@@ -71,13 +73,16 @@ class PagedAttention(nn.Module):
         if meta.only_decodes:
             return self._decode(q, k_cache, v_cache, meta)
         if meta.decode_token_idx is None and len(meta.prefills) == 1:  # one chunk is the whole batch
-            return self._prefill(q, k_cache, v_cache, meta.prefills[0])
+            chunk = meta.prefills[0]
+            if keep is not None:  # read at its last token only: that query alone, and it sees every key
+                return self._last_query(q[chunk.end - 1:chunk.end], k_cache, v_cache, chunk)
+            return self._prefill(q, k_cache, v_cache, chunk)
         out = q.new_empty(num_tokens, self.num_heads * self.head_dim)
         if meta.decode_token_idx is not None:
             out[meta.decode_token_idx] = self._decode(q[meta.decode_token_idx], k_cache, v_cache, meta)
         for chunk in meta.prefills:
             out[chunk.start:chunk.end] = self._prefill(q[chunk.start:chunk.end], k_cache, v_cache, chunk)
-        return out
+        return out if keep is None else out[keep]
 
     def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
         # cache (N, bs, Hkv, D), block_tables (B, nb) -> (B, Hkv, nb * bs, D)
@@ -95,6 +100,15 @@ class PagedAttention(nn.Module):
             k, v = k[:, :, :meta.decode_len], v[:, :, :meta.decode_len]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=self.scale)
         return o.reshape(b, self.num_heads * self.head_dim)
+
+    def _last_query(self, q, k_cache, v_cache, chunk: PrefillChunk) -> torch.Tensor:
+        """q (1, H, D): a chunk's last query over all its sequence's keys (no mask: none is in its future)."""
+        num_keys = chunk.end - chunk.start + chunk.num_cached
+        q = q.view(1, self.num_kv_heads, self.group, self.head_dim)  # (1, Hkv, G, D), as a decode's
+        k = self._gather(k_cache, chunk.block_table[None])[:, :, :num_keys]
+        v = self._gather(v_cache, chunk.block_table[None])[:, :, :num_keys]
+        o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return o.reshape(1, self.num_heads * self.head_dim)
 
     def _prefill(self, q, k_cache, v_cache, chunk: PrefillChunk) -> torch.Tensor:
         s = q.shape[0]

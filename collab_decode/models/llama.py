@@ -73,13 +73,13 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta, keep: torch.Tensor | None = None):
         """x (T, hidden) -> (T, hidden); with `keep` (row indices), only those rows' outputs (len(keep), hidden).
-        Every row's k/v still enters the cache: `keep` spares the attention output's projection and the MLP of
-        rows nobody reads (a prefill chunk's rows before its last, in the last layer)."""
+        Every row's k/v still enters the cache: `keep` spares the attention, its output's projection and the
+        MLP of rows nobody reads (a prefill chunk's rows before its last, in the last layer)."""
         attn = self.self_attn
         q, k, v = attn.project(self.input_layernorm(x), cos, sin)
-        o = attn.attn(q, k, v, k_cache, v_cache, meta)
+        o = attn.attn(q, k, v, k_cache, v_cache, meta, keep)  # (len(keep), H * D) with keep
         if keep is not None:
-            x, o = x[keep], o[keep]
+            x = x[keep]
         x = x + attn.o_proj(o)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -138,7 +138,9 @@ def test_ragged_batch_read_at_last_rows_equals_every_row(arch, backend):
     (the last layer's too, for every row), equal those of the same forwards read at every position."""
     tables = {0: [13, 8, 5, 22, 31], 1: [2, 19, 30, 29, 16], 2: [27, 0, 11, 28, 9]}
     ids = {0: random_ids(19, seed=4), 1: random_ids(20, seed=5), 2: random_ids(17, seed=6)}
-    schedule = [{1: (0, 7), 2: (0, 9)}, {0: (0, 11), 1: (7, 1), 2: (9, 5)}, {0: (11, 6), 1: (8, 10), 2: (14, 1)}]
+    # mixed batches, then chunks that are the whole batch (their last query alone, over every key)
+    schedule = [{1: (0, 7), 2: (0, 9)}, {0: (0, 11), 1: (7, 1), 2: (9, 5)}, {0: (11, 6), 1: (8, 10), 2: (14, 1)},
+                {1: (18, 2)}, {0: (17, 2)}, {2: (0, 17)}]
     runs = []
     for all_positions in (True, False):
         backend.init_cache(NUM_BLOCKS, BLOCK_SIZE)
