@@ -2,6 +2,9 @@
 
 A new Llama-like architecture is one model file plus one line here. The table holds strings, not
 classes, so reading it (config parsing does) imports no torch; `model_class` imports on first use.
+A model file that subclasses LlamaForCausalLM and writes its own `forward` should pass `keep` on to the
+last layer as Llama's does: the backend then runs a chunk's last layer on the rows read only (a forward
+without `keep` works, and runs every row).
 """
 
 from __future__ import annotations
