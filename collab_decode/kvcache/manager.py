@@ -53,9 +53,10 @@ class KVCacheManager:
 
         Raises OutOfBlocksError, allocating nothing, if the pool cannot supply the blocks.
         """
-        num_needed = self.num_blocks_needed(seq_id, num_tokens)
-        if num_needed == 0 and seq_id in self._tables:
+        self._check_num_tokens(num_tokens)
+        if self.holds(seq_id, num_tokens):
             return  # the usual decode step: the last block still has room
+        num_needed = self.num_blocks_needed(seq_id, num_tokens)
         try:
             new_ids = self.pool.allocate(num_needed)
         except OutOfBlocksError as e:

@@ -101,23 +101,26 @@ class PagedAttention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=self.scale)
         return o.reshape(b, self.num_heads * self.head_dim)
 
-    def _last_query(self, q, k_cache, v_cache, chunk: PrefillChunk) -> torch.Tensor:
-        """q (1, H, D): a chunk's last query over all its sequence's keys (no mask: none is in its future)."""
+    def _chunk_kv(self, k_cache, v_cache, chunk: PrefillChunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of a chunk's sequence up to its last token: each (1, Hkv, L, D)."""
         num_keys = chunk.end - chunk.start + chunk.num_cached
-        q = q.view(1, self.num_kv_heads, self.group, self.head_dim)  # (1, Hkv, G, D), as a decode's
         k = self._gather(k_cache, chunk.block_table[None])[:, :, :num_keys]
         v = self._gather(v_cache, chunk.block_table[None])[:, :, :num_keys]
-        o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return k, v
+
+    def _last_query(self, q, k_cache, v_cache, chunk: PrefillChunk) -> torch.Tensor:
+        """q (1, H, D): a chunk's last query over all its sequence's keys (no mask: none is in its future)."""
+        q = q.view(1, self.num_kv_heads, self.group, self.head_dim)  # (1, Hkv, G, D), as a decode's
+        o = F.scaled_dot_product_attention(q, *self._chunk_kv(k_cache, v_cache, chunk), scale=self.scale)
         return o.reshape(1, self.num_heads * self.head_dim)
 
     def _prefill(self, q, k_cache, v_cache, chunk: PrefillChunk) -> torch.Tensor:
         s = q.shape[0]
-        num_keys = chunk.num_cached + s
         # (S, H, D) -> (1, Hkv, G * S, D): row g * S + i is query head (kv * G + g) at chunk position i
         q = q.view(s, self.num_kv_heads, self.group, self.head_dim).permute(1, 2, 0, 3)
         q = q.reshape(1, self.num_kv_heads, self.group * s, self.head_dim)
-        k = self._gather(k_cache, chunk.block_table[None])[:, :, :num_keys]
-        v = self._gather(v_cache, chunk.block_table[None])[:, :, :num_keys]
+        k, v = self._chunk_kv(k_cache, v_cache, chunk)
+        num_keys = k.shape[2]
         if chunk.mask is None:  # every layer has the same layout: the first one builds the mask
             query_pos = torch.arange(chunk.num_cached, num_keys, device=q.device)
             future = torch.arange(num_keys, device=q.device)[None, :] > query_pos[:, None]  # (S, L)
