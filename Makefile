@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU build here (the declared requirement in pyproject.toml is a range)
 TORCH ?= torch==2.13.0
 
-.PHONY: setup serve generate test test-vllm test-lmeval fuzz soak bench clean mutation
+.PHONY: setup serve generate test test-vllm test-lmeval test-cuda fuzz soak bench clean mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test-vllm: setup
 # (built on first use, ~1 minute); ~1 minute more
 test-lmeval: setup
 	$(PY) -m pytest -x -m lmeval -rP tests/serve/test_lm_eval.py
+
+# The CUDA paths, on a machine with a GPU (CI has none; ~3 minutes): the native model against transformers on the
+# GPU (float32 and bfloat16), the demo pair's every kind of routing on the GPU against the CPU, and the server with
+# both models on the GPU over REST and gRPC. Set TORCH to a CUDA build of torch where the default is a CPU one.
+test-cuda: setup
+	$(PY) -m pytest -m cuda -rP tests/cuda
 
 # Fuzzing at length (`make test` runs 100 examples per operation; ~10 minutes): the REST API from its OpenAPI
 # schema (schemathesis), the gRPC service with random and malformed messages

@@ -149,8 +149,9 @@ def make_pair(tmp_path: Path, **overrides) -> tuple[Path, Path]:
             save_tiny_lm(tmp_path / "large", seed=2, hidden=64, layers=3, **overrides))
 
 
-def make_engine(small: Path, large: Path | None = None, compile: bool = False, routers=None, **config):
+def make_engine(small: Path, large: Path | None = None, compile: bool = False, routers=None, device: str = "cpu",
+                **config):
     from collab_decode.engine.config import EngineConfig
     from collab_decode.engine.loading import build_engine
 
-    return build_engine(small, large, config=EngineConfig(**config), compile=compile, routers=routers)
+    return build_engine(small, large, device=device, config=EngineConfig(**config), compile=compile, routers=routers)

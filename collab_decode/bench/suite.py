@@ -45,10 +45,11 @@ def num_requests(level: int, batch1_requests: int) -> int:
 class ServerProcess:
     """`collab-decode serve --small S --large L [--router NAME=DIR ...]` on free ports, until stop()."""
 
-    def __init__(self, small: str, large: str, threads: int, routers: list[str] = (), chunk_threads: int = 0):
+    def __init__(self, small: str, large: str, threads: int, routers: list[str] = (), chunk_threads: int = 0,
+                 device: str = "cpu"):
         cmd = [sys.executable, "-m", "collab_decode.cli", "serve", "--small", small, "--large", large, "--port", "0",
                "--grpc-port", "0", "--log-level", "warning", "--threads", str(threads),
-               "--chunk-threads", str(chunk_threads)]
+               "--chunk-threads", str(chunk_threads), "--device", device]
         cmd += [arg for router in routers for arg in ("--router", router)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
@@ -94,7 +95,8 @@ def machine() -> str:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}, {platform.system()} {platform.release()}, Python "
             f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
@@ -178,7 +180,7 @@ def run_suite(args: argparse.Namespace) -> None:
         demo = (str(checkpoint_dir("small")), str(checkpoint_dir("large")))
         args.router = [f"{n}={p}" for n, p in pair_routers("demo").items()] if (args.small, args.large) == demo else []
     routers = routers_from_args(args.router)
-    engine = build_engine(args.small, args.large, routers=routers,
+    engine = build_engine(args.small, args.large, device=args.device, routers=routers,
                           config=EngineConfig(chunk_threads=args.chunk_threads))
     if args.policies is None:
         args.policies = POLICIES + (NEURAL_POLICIES if routers else [])
@@ -187,7 +189,8 @@ def run_suite(args: argparse.Namespace) -> None:
     server = None
     if server_modes:
         print(f"starting the server (collab-decode serve --small {args.small} --large {args.large}) ...", flush=True)
-        server = bench.server = ServerProcess(args.small, args.large, args.threads, args.router, args.chunk_threads)
+        server = bench.server = ServerProcess(args.small, args.large, args.threads, args.router, args.chunk_threads,
+                                              args.device)
         bench.connect(server.url, server.grpc_target if args.grpc else None, None, not args.no_stream)
     try:
         bench.warm_up(args.policies)
@@ -210,7 +213,7 @@ def run_suite(args: argparse.Namespace) -> None:
             "minutes": round((time.time() - start) / 60, 1), "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()], "num_problems": args.num_problems,
             "best_routed_batch1": best.policy if best else None, "threads": args.threads,
-            "chunk_threads": args.chunk_threads}
+            "chunk_threads": args.chunk_threads, "device": args.device}
     write_report(Path(args.out), runs, meta, html)
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, pareto.png, answers.html ({meta['minutes']} minutes)")
@@ -291,6 +294,7 @@ def run_parser(p: argparse.ArgumentParser) -> None:
                    help="torch threads of a long large-model chunk (its catch-up, a prompt) at low load, in both "
                         f"engines (default: serve's, {usable_cores()} here)")
     p.add_argument("--grpc", action="store_true", help="drive the server over gRPC too")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: both models, in this engine and the server's")
     _common_args(p, "bench_results/report")
     p.set_defaults(suite=run_suite)
 

@@ -71,8 +71,9 @@ class Engine:
         self.output = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len, self.config.step_delimiter,
                                       self._finish)
         self.fingerprint = fingerprint  # the pair's, when built from model directories (build_engine)
-        self.router_context = RouterContext(small.hidden_size, {
-            name: load_router(path, small.hidden_size, fingerprint) for name, path in (routers or {}).items()})
+        self.router_context = RouterContext(small.hidden_size, {  # on the small model's device: it reads its tensors
+            name: load_router(path, small.hidden_size, fingerprint, small.device)
+            for name, path in (routers or {}).items()})
         self._routers: OrderedDict[RoutingSpec, Router | None] = OrderedDict()  # most recently used last
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()

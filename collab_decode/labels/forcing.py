@@ -133,7 +133,7 @@ def _forward(engine, chunks: list[tuple[_Job, int]], top_k: int) -> None:
     if not owners:
         return
     logits = torch.cat(logits)
-    rows = _rows(torch.cat(hidden), logits, small.embed, top_k)
+    rows = {name: t.cpu() for name, t in _rows(torch.cat(hidden), logits, small.embed, top_k).items()}  # (stored)
     top_ids, top_probs = top_tokens(logits)
     start = 0
     for job, first_position, count in owners:

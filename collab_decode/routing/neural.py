@@ -87,9 +87,11 @@ class LoadedRouter:
         self.frozen = FrozenRouterMLP(self.model)
 
 
-def load_router(path: str | Path, hidden_size: int | None = None, fingerprint: str | None = None) -> LoadedRouter:
-    """Load a router checkpoint. ValueError, naming the problem, if it is not one, is corrupted or truncated,
-    or was trained for another pair (hidden size, or the pair fingerprint it records)."""
+def load_router(path: str | Path, hidden_size: int | None = None, fingerprint: str | None = None,
+                device: str | torch.device = "cpu") -> LoadedRouter:
+    """Load a router checkpoint onto `device` (the small model's: the router reads its tensors there).
+    ValueError, naming the problem, if it is not one, is corrupted or truncated, or was trained for another
+    pair (hidden size, or the pair fingerprint it records)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -117,7 +119,7 @@ def load_router(path: str | Path, hidden_size: int | None = None, fingerprint: s
         raise ValueError(f"router weights {weights} are corrupted or truncated: {e}") from None
     except RuntimeError as e:
         raise ValueError(f"router checkpoint {path} does not match its config: {e}") from None
-    return LoadedRouter(model.eval().requires_grad_(False), config)
+    return LoadedRouter(model.to(device).eval().requires_grad_(False), config)
 
 
 def threshold_for_share(table: list[dict], large_share: float) -> float:
@@ -174,7 +176,7 @@ class NeuralRoute(Router):
         out = inputs.logits.new_zeros(len(inputs.states))
         rows = self.uncertain_rows(inputs)
         if rows:
-            out[rows] = torch.sigmoid(torch.tensor(self._mlp_logits(inputs, rows)))
+            out[rows] = torch.sigmoid(torch.tensor(self._mlp_logits(inputs, rows), device=out.device))
         return out
 
     def uncertain_rows(self, inputs: RouterInputs) -> list[int]:
@@ -206,7 +208,7 @@ class NeuralRoute(Router):
             if state.index is None:
                 state.index = PromptIndex(seq.prompt_ids)
             rows.append(lookup_features(state.index, seq.token_ids[-LOOKUP_MAX_N:], ids, probs))
-        return torch.tensor(rows)
+        return torch.tensor(rows, device=inputs.logits.device)
 
     def _mlp_logits(self, inputs: RouterInputs, rows: list[int]) -> list[float]:
         """The MLP's logit at each of these rows, on the host."""
