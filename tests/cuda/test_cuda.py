@@ -133,6 +133,36 @@ def test_a_seeded_request_samples_the_same_on_the_gpu_alone_or_batched(engines, 
     assert gpu.generate([prompts[0]], seeded, "entropy:0.3")[0].token_ids == alone.token_ids
 
 
+def test_compiled_and_transformers_backends_on_the_gpu_write_what_the_native_eager_one_does(engines, prompts):
+    """`--compile` (decode steps through torch.compile: Triton kernels on the GPU) and `--backend transformers`."""
+    want = {policy: engines[0].generate(prompts[:6], greedy(), policy) for policy in ("large", "neural")}
+    for kind in ("compile", "transformers"):
+        engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), backend="native" if kind == "compile"
+                              else "transformers", device="cuda", config=EngineConfig(), compile=kind == "compile",
+                              routers=pair_routers("demo"))
+        for policy, results in want.items():
+            got = engine.generate(prompts[:6], greedy(), policy)
+            same = sum(g.token_ids == w.token_ids and g.provenance == w.provenance for g, w in zip(got, results))
+            print(f"{kind}, {policy}: {same}/6 identical to native eager")
+            assert same == 6
+        assert all(kv.num_used_blocks == 0 for kv in engine.kv.values())
+
+
+def test_bfloat16_on_the_gpu_serves_every_policy(cuda, prompts):
+    """Both models in bfloat16: every request ends normally, every block comes back, and routing keeps the large
+    model's accuracy as closely as in float32 (rounding may flip a near-tie, so answers may differ a little)."""
+    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), dtype="bfloat16", device=cuda,
+                          config=EngineConfig(), routers=pair_routers("demo"))
+    right = {}
+    for policy in POLICIES:
+        results = engine.generate(prompts, greedy(), policy)
+        assert all(r.finish_reason in ("stop", "length") for r in results), [r.error for r in results]
+        right[policy] = sum(is_correct(r.text, p.answer) for p, r in zip(problems("heldout", NUM_PROBLEMS), results))
+        assert all(kv.num_used_blocks == 0 for kv in engine.kv.values())
+    print(f"bfloat16, right of {NUM_PROBLEMS}: {right}")
+    assert right["large"] >= NUM_PROBLEMS - 2 and right["neural"] >= right["large"] - 2
+
+
 def test_labels_on_the_gpu_equal_the_cpus(cuda, tmp_path):
     """Every stage of the label pipeline with the models on the GPU: the same mismatches and labels as on the
     CPU, features equal to float rounding (the dataset stores float16)."""
