@@ -48,13 +48,13 @@ def _speed_rows(runs: list[Run]) -> list[str]:
 
 def _breakdown_rows(runs: list[Run]) -> list[str]:
     lines = ["| policy | ms/token | small fwd | large fwd | engine | outside steps | large calls/token "
-             "| large ms/call | catch-up tokens/call | engine / small step |", "|---" * 10 + "|"]
+             "| large ms/call | catch-up tokens/call | engine / small step | of it routing |", "|---" * 11 + "|"]
     for r in runs:
         b = r.breakdown
         lines.append(f"| {r.policy} | {b['ms_per_token']:.3f} | {b['small_forward']:.3f} | {b['large_forward']:.3f} "
                      f"| {b['engine']:.3f} | {b['outside_steps']:.3f} | {b['large_calls_per_token']:.3f} "
                      f"| {_f(b['large_ms_per_call'], '{:.2f}')} | {_f(b['catchup_tokens_per_call'])} "
-                     f"| {_pct(b.get('engine_of_small_step'))} |")
+                     f"| {_pct(b.get('engine_of_small_step'))} | {_pct(b.get('route_of_small_step'))} |")
     return lines
 
 
@@ -85,7 +85,8 @@ def markdown(runs: list[Run], checks: list[dict], meta: dict) -> str:
                   "small fwd / large fwd: inside the models' forwards (input preparation included); engine: the "
                   "rest of each step (scheduling, sampling, routing, commit, detokenizing); outside steps: the "
                   "benchmark's own loop. engine / small step: the engine's own time per step over the small "
-                  "model's forward per step (target < 10%).", ""] + _breakdown_rows(broken) + [""]
+                  "model's forward per step (target < 10%); of it routing: the routers' decisions within it.", ""]
+        lines += _breakdown_rows(broken) + [""]
     return "\n".join(lines)
 
 

@@ -44,6 +44,7 @@ class StepBreakdown:
     small_forward_s: float = 0.0  # inside the small model's forwards (input preparation included)
     large_forward_s: float = 0.0  # inside the large model's forwards
     step_s: float = 0.0  # whole steps: forwards + scheduling, sampling, routing, commit, detokenizing
+    route_s: float = 0.0  # the routers' decisions (part of the engine's own time)
 
     @property
     def engine_s(self) -> float:
@@ -120,6 +121,7 @@ def _add_step(steps: StepBreakdown, last) -> None:
     steps.small_forward_s += last.small_forward
     steps.large_forward_s += last.large_forward
     steps.step_s += last.total
+    steps.route_s += last.route
 
 
 def _result(i: int, seq, sent: float, first: float, done: float) -> RequestResult:

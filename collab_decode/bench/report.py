@@ -109,6 +109,7 @@ def step_breakdown(repeats: list[Measurement]) -> dict:
             "outside_steps": per_token(sum(m.seconds - s.step_s for m, s in zip(repeats, steps))),
             "steps_per_token": round(num_steps / tokens, 4),
             "engine_ms_per_step": round(1000 * sum(s.engine_s for s in steps) / num_steps, 4),
+            "route_ms_per_step": round(1000 * sum(s.route_s for s in steps) / num_steps, 4),
             "small_forward_ms_per_step": round(1000 * sum(s.small_forward_s for s in steps) / num_steps, 4),
             "large_calls_per_token": round(calls / tokens, 4),
             "large_ms_per_call": round(1000 * large_s / calls, 4) if calls else None,
@@ -128,6 +129,7 @@ def add_speedups(runs: list[Run]) -> None:
         if run.breakdown is not None and "small" in ref and ref["small"].breakdown is not None:
             small_step = ref["small"].breakdown["small_forward_ms_per_step"]
             run.breakdown["engine_of_small_step"] = round(run.breakdown["engine_ms_per_step"] / small_step, 3)
+            run.breakdown["route_of_small_step"] = round(run.breakdown["route_ms_per_step"] / small_step, 3)
 
 
 def best_routed(runs: list[Run], mode: str, level: int) -> Run | None:

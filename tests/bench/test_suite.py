@@ -42,6 +42,10 @@ def test_bench_run_engine_and_server(tmp_path, capsys):
         assert {(mode, 2, "small"), (mode, 2, "large")} <= runs
     batch1 = [r for r in report["runs"] if r["mode"] == "engine" and r["batch_size"] == 1]
     assert all(r["breakdown"]["steps_per_token"] > 0 for r in batch1)
+    steps = {r["policy"]: r["breakdown"] for r in batch1}  # routing time: where a router decides, within the engine's
+    assert steps["small"]["route_ms_per_step"] == steps["large"]["route_ms_per_step"] == 0
+    assert 0 < steps["entropy:0.5"]["route_ms_per_step"] <= steps["entropy:0.5"]["engine_ms_per_step"]
+    assert "| of it routing |" in (out / "report.md").read_text()
     assert all((r["bound"] is None) == (r["policy"] == "large") for r in batch1)  # bound: of routing
     # stage 3's repeats are paired across modes (server / engine ratios pair them); stage 2's are not
     assert all(len(r["tokens_per_s_paired"]) == 1 for r in report["runs"] if (r["batch_size"] or 0) != 1)
