@@ -271,7 +271,7 @@ def _common_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 16, 64],
                    help="batch sizes (engine) = concurrencies (server); a run at level L > 1 sends 3L requests")
     # 3: a server / engine check is the median of its side-by-side pairs, so one busy moment of a shared machine
-    # (one pair in four fell near 0.86 there in session 9) moves it no more than the middle pair allows
+    # (a pair 0.1 low) cannot move it alone, as it could the mean of two
     p.add_argument("--repeats", type=int, default=3, help="repeats of every timed run (tok/s: their median)")
     p.add_argument("--no-stream", action="store_true", help="server requests unstreamed (then no TTFT)")
     p.add_argument("--out", default=out, help=f"directory for the report files (default: {out})")
