@@ -81,11 +81,12 @@ class NativeBackend:
         input_ids, positions, meta, last_idx, seq_lens = self.prepare_inputs(batch)
         chunk_lens = [len(c.token_ids) for c in batch.chunks]
         cos, sin = self.rope.cos_sin(positions, seq_lens, chunk_lens)
-        if self._compiled is not None and meta.only_decodes and not any(c.all_positions for c in batch.chunks):
+        all_positions = any(c.all_positions for c in batch.chunks)  # some chunk is read at every position
+        if self._compiled is not None and meta.only_decodes and not all_positions:
             # one token per sequence, so each token is its sequence's last
             last_hidden, logits = self._compiled(input_ids, cos, sin, self.cache, meta)
             return ModelOutput(logits=logits.float(), hidden=last_hidden)
-        if meta.only_decodes or not self._keeps_rows or any(c.all_positions for c in batch.chunks):
+        if meta.only_decodes or not self._keeps_rows or all_positions:
             hidden = self.model(input_ids, cos, sin, self.cache, meta)  # (T, hidden)
             last_hidden = hidden if meta.only_decodes else hidden[last_idx]  # (B, hidden): each sequence's last
         else:  # chunks read at their last token only: the last layer runs the rest of the rows no further

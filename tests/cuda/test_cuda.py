@@ -79,9 +79,10 @@ def test_native_matches_transformers_on_the_gpu(cuda, arch, tmp_path):
     assert native_bf16 <= 2 * hf_bf16 + 1e-3
 
 
-def demo_engine(device: str):
+def demo_engine(device: str, **options):
+    """The demo pair with its shipped router on `device`; `options`: build_engine's (backend, dtype, compile)."""
     return build_engine(checkpoint_dir("small"), checkpoint_dir("large"), device=device, config=EngineConfig(),
-                        routers=pair_routers("demo"))
+                        routers=pair_routers("demo"), **options)
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +138,7 @@ def test_compiled_and_transformers_backends_on_the_gpu_write_what_the_native_eag
     """`--compile` (decode steps through torch.compile: Triton kernels on the GPU) and `--backend transformers`."""
     want = {policy: engines[0].generate(prompts[:6], greedy(), policy) for policy in ("large", "neural")}
     for kind in ("compile", "transformers"):
-        engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), backend="native" if kind == "compile"
-                              else "transformers", device="cuda", config=EngineConfig(), compile=kind == "compile",
-                              routers=pair_routers("demo"))
+        engine = demo_engine("cuda", compile=True) if kind == "compile" else demo_engine("cuda", backend="transformers")
         for policy, results in want.items():
             got = engine.generate(prompts[:6], greedy(), policy)
             same = sum(g.token_ids == w.token_ids and g.provenance == w.provenance for g, w in zip(got, results))
@@ -151,8 +150,7 @@ def test_compiled_and_transformers_backends_on_the_gpu_write_what_the_native_eag
 def test_bfloat16_on_the_gpu_serves_every_policy(cuda, prompts):
     """Both models in bfloat16: every request ends normally, every block comes back, and routing keeps the large
     model's accuracy as closely as in float32 (rounding may flip a near-tie, so answers may differ a little)."""
-    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), dtype="bfloat16", device=cuda,
-                          config=EngineConfig(), routers=pair_routers("demo"))
+    engine = demo_engine(cuda, dtype="bfloat16")
     right = {}
     for policy in POLICIES:
         results = engine.generate(prompts, greedy(), policy)
