@@ -1,6 +1,6 @@
-"""`collab-decode bench run | load | engine | pair`: benchmarks that print and write figures (never asserted in
-tests). `run` is the whole speed-against-accuracy report of the demo pair, engine and server; `load`
-drives a server that is already running."""
+"""`collab-decode bench run | load | engine | pair | remote | router | wait`: benchmarks that print and write
+figures (never asserted in tests). `run` is the whole speed-against-accuracy report of the demo pair, engine
+and server; `load` drives a server that is already running."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ def add_bench_parser(sub) -> None:
     from collab_decode.bench import suite
 
     bench = sub.add_parser("bench", help="benchmarks: `bench run` (the full report), `bench load` (a running "
-                                         "server), `bench engine`, `bench pair`")
+                                         "server), `bench engine`, `bench pair`, `bench remote`, `bench router`, "
+                                         "`bench wait`")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     run = bench_sub.add_parser("run", help="demo pair: accuracy, speedup and bound per policy, engine and server "
                                           "side by side; writes report.json/.md, pareto.png, answers.html",
@@ -30,7 +31,9 @@ def add_bench_parser(sub) -> None:
                             ("remote", "demo pair with the large model local vs behind --large-url: ms per large "
                                        "call, break-even large share (see --help after --)"),
                             ("router", "demo pair: neural router vs entropy vs random, accuracy against large "
-                                       "share, router cost (see --help after --)")]:
+                                       "share, router cost (see --help after --)"),
+                            ("wait", "demo pair at one batch: routed tokens waiting to share a large-model call "
+                                     "(--large-wait-steps), tokens/s and large calls (see --help after --)")]:
         p = bench_sub.add_parser(name, help=help_text)
         p.add_argument("rest", nargs=argparse.REMAINDER, help=f"arguments of collab_decode.bench.{name}_bench")
         p.set_defaults(func=cmd_bench, bench_module=name)

@@ -61,6 +61,8 @@ def _breakdown_rows(runs: list[Run]) -> list[str]:
 def markdown(runs: list[Run], checks: list[dict], meta: dict) -> str:
     threads = (f" Engine threads: {meta['threads']}, {meta['chunk_threads']} for a long chunk at low load."
                if "chunk_threads" in meta else "")
+    if meta.get("large_wait_steps"):
+        threads += f" A routed token waits up to {meta['large_wait_steps']} steps to share a large-model call."
     lines = ["# collab-decode benchmark", "", f"Machine: {meta.get('machine', '?')}.{threads}", "",
              f"Command: `{meta.get('command', '?')}`", "",
              f"Took {meta.get('minutes', '?')} minutes. Load average before / after: {meta.get('load_before', '?')} "

@@ -46,10 +46,10 @@ class ServerProcess:
     """`collab-decode serve --small S --large L [--router NAME=DIR ...]` on free ports, until stop()."""
 
     def __init__(self, small: str, large: str, threads: int, routers: list[str] = (), chunk_threads: int = 0,
-                 device: str = "cpu"):
+                 device: str = "cpu", large_wait_steps: int = 0):
         cmd = [sys.executable, "-m", "collab_decode.cli", "serve", "--small", small, "--large", large, "--port", "0",
                "--grpc-port", "0", "--log-level", "warning", "--threads", str(threads),
-               "--chunk-threads", str(chunk_threads), "--device", device]
+               "--chunk-threads", str(chunk_threads), "--device", device, "--large-wait-steps", str(large_wait_steps)]
         cmd += [arg for router in routers for arg in ("--router", router)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
@@ -181,7 +181,7 @@ def run_suite(args: argparse.Namespace) -> None:
         args.router = [f"{n}={p}" for n, p in pair_routers("demo").items()] if (args.small, args.large) == demo else []
     routers = routers_from_args(args.router)
     engine = build_engine(args.small, args.large, device=args.device, routers=routers,
-                          config=EngineConfig(chunk_threads=args.chunk_threads))
+                          config=EngineConfig(chunk_threads=args.chunk_threads, large_wait_steps=args.large_wait_steps))
     if args.policies is None:
         args.policies = POLICIES + (NEURAL_POLICIES if routers else [])
     bench = Bench(demo_workload(engine.tokenizer, args.num_problems, max_tokens=args.max_tokens), engine)
@@ -190,7 +190,7 @@ def run_suite(args: argparse.Namespace) -> None:
     if server_modes:
         print(f"starting the server (collab-decode serve --small {args.small} --large {args.large}) ...", flush=True)
         server = bench.server = ServerProcess(args.small, args.large, args.threads, args.router, args.chunk_threads,
-                                              args.device)
+                                              args.device, args.large_wait_steps)
         bench.connect(server.url, server.grpc_target if args.grpc else None, None, not args.no_stream)
     try:
         bench.warm_up(args.policies)
@@ -213,7 +213,7 @@ def run_suite(args: argparse.Namespace) -> None:
             "minutes": round((time.time() - start) / 60, 1), "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()], "num_problems": args.num_problems,
             "best_routed_batch1": best.policy if best else None, "threads": args.threads,
-            "chunk_threads": args.chunk_threads, "device": args.device}
+            "chunk_threads": args.chunk_threads, "large_wait_steps": args.large_wait_steps, "device": args.device}
     write_report(Path(args.out), runs, meta, html)
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, pareto.png, answers.html ({meta['minutes']} minutes)")
@@ -295,6 +295,9 @@ def run_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-threads", type=int, default=usable_cores(),
                    help="torch threads of a long large-model chunk (its catch-up, a prompt) at low load, in both "
                         f"engines (default: serve's, {usable_cores()} here)")
+    p.add_argument("--large-wait-steps", type=int, default=0,
+                   help="most steps a routed token waits to share a large-model call, from 16 running sequences, in "
+                        "both engines (serve's --large-wait-steps; default 0: none waits)")
     p.add_argument("--grpc", action="store_true", help="drive the server over gRPC too")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: both models, in this engine and the server's")
     _common_args(p, "bench_results/report")

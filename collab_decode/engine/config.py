@@ -32,6 +32,12 @@ class EngineConfig:
     chunk_threads_max_batch: int = field(default=4, metadata=_doc(
         "the most running sequences at which a chunk gets --chunk-threads (more: the engine's batches and the "
         "server's own work keep every core busy)"))
+    large_wait_steps: int = field(default=0, metadata=_doc(
+        "most engine steps a routed token may wait for other routed tokens to share its large-model call, while "
+        "at least --large-wait-min-batch sequences run (a large call costs nearly the same for a few sequences "
+        "as for one: a GPU's, or a CPU's fixed cost per call); 0: every routed token runs at once"))
+    large_wait_min_batch: int = field(default=16, metadata=_doc(
+        "the fewest running sequences at which a routed token waits (--large-wait-steps); fewer: none waits"))
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self):
@@ -43,5 +49,8 @@ class EngineConfig:
         if self.chunk_threads < 0 or self.chunk_threads_max_batch < 1:
             raise ValueError(f"chunk_threads must be >= 0 and chunk_threads_max_batch >= 1, got "
                              f"{self.chunk_threads} and {self.chunk_threads_max_batch}")
+        if self.large_wait_steps < 0 or self.large_wait_min_batch < 1:
+            raise ValueError(f"large_wait_steps must be >= 0 and large_wait_min_batch >= 1, got "
+                             f"{self.large_wait_steps} and {self.large_wait_min_batch}")
         if not self.step_delimiter:
             raise ValueError("step_delimiter must be a non-empty string")

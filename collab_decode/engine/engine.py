@@ -77,6 +77,7 @@ class Engine:
         self._routers: OrderedDict[RoutingSpec, Router | None] = OrderedDict()  # most recently used last
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
+        self.num_steps = 0  # steps taken (a routed token's wait is counted in them)
 
     def _init_cache(self, name: str, backend: Backend) -> KVCacheManager:
         cfg = self.config
@@ -171,6 +172,7 @@ class Engine:
 
     def _step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        self.num_steps += 1
         self.runner.times = StepTimes()
         plan = self.scheduler.schedule()
         # at low load the cores the engine's threads leave (the server's, idle then) take the long chunks
@@ -286,6 +288,7 @@ class Engine:
         token the small model writes: their rows are not sampled."""
         scoring = [p.seq for p in proposals.values() if not p.routed and p.sample is not None
                    and p.seq.needs_prompt_logprobs and p.seq.prompt_scorer == LARGE]
+        routed = self.hold(routed, proposals, bool(scoring))
         if not routed and not scoring:
             return []
         for seq in self.scheduler.reserve(LARGE, routed + scoring, [s.num_tokens for s in routed + scoring]):
@@ -312,6 +315,28 @@ class Engine:
         for j, seq in enumerate(routed):
             proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j, routed=True, source=LARGE,
                                              error=nonfinite_error(LARGE) if j in nonfinite else None)
+        return []
+
+    def hold(self, routed: list[Sequence], proposals: dict[int, "Proposal"], must_run: bool) -> list[Sequence]:
+        """The routed sequences the large model runs this step: all of them, or none while they wait for others
+        to share the call. While at least config.large_wait_min_batch sequences run, a routed token waits up
+        to config.large_wait_steps steps; the call runs once one has waited that long, or when the large model
+        runs this step anyway (`must_run`: a prompt to score; a `large` or step-mode sequence), or when every
+        running sequence waits. A waiting sequence proposes nothing (the small model has nothing new to read)
+        and holds no new block; its token is the one the large model would have written at once."""
+        cfg, running = self.config, len(self.scheduler.running)
+        if (not routed or cfg.large_wait_steps == 0 or running < cfg.large_wait_min_batch
+                or len(routed) >= running or must_run or any(s.large_owned for s in routed)
+                or any(self.num_steps - s.waiting_since >= cfg.large_wait_steps
+                       for s in routed if s.waiting_since is not None)):
+            for seq in routed:
+                seq.waiting_since = None
+            return routed
+        for seq in routed:
+            if seq.waiting_since is None:
+                seq.waiting_since = self.num_steps
+            seq.stats.num_large_waits += 1
+            proposals.pop(seq.seq_id)  # (a fresh one's proposal is the small model's token: never committed)
         return []
 
     def postprocess(self, proposals: dict[int, "Proposal"]) -> list[RequestOutput]:

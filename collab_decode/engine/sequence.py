@@ -32,6 +32,7 @@ class SequenceStats:
     num_large_calls: int = 0  # large-model forwards this sequence took part in
     num_catchup_tokens: int = 0  # tokens the large model processed to catch up (excluding its first prefill)
     num_preemptions: int = 0
+    num_large_waits: int = 0  # steps its routed tokens waited to share a large-model call (large_wait_steps)
 
     @property
     def large_share(self) -> float:
@@ -41,7 +42,8 @@ class SequenceStats:
     def as_dict(self) -> dict[str, Any]:
         return {"small_tokens": self.num_small_tokens, "large_tokens": self.num_large_tokens,
                 "large_calls": self.num_large_calls, "catchup_tokens": self.num_catchup_tokens,
-                "preemptions": self.num_preemptions, "large_share": self.large_share}
+                "preemptions": self.num_preemptions, "large_waits": self.num_large_waits,
+                "large_share": self.large_share}
 
 
 @dataclass(eq=False)  # a request is itself: `in` and `remove` on the scheduler's lists compare identity
@@ -54,6 +56,7 @@ class Sequence:
     router: Router | None = None  # decides this sequence's tokens (shared by sequences with the same spec)
     router_state: Any = None  # what the router keeps for this sequence (Router.new_state)
     step_owner: str | None = None  # step mode: SMALL or LARGE writes the current step; None at a step start
+    waiting_since: int | None = None  # the engine step from which its routed token waits for a large call
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_cached: dict[str, int] = field(default_factory=lambda: {SMALL: 0, LARGE: 0})
     provenance: list[str] = field(default_factory=list)  # SMALL or LARGE per output token
@@ -145,4 +148,5 @@ class Sequence:
         """After preemption: no cache holds anything; output so far is kept and re-prefilled."""
         self.num_cached = {SMALL: 0, LARGE: 0}
         self.status = Status.WAITING
+        self.waiting_since = None  # its next token will be proposed and routed again
         self.stats.num_preemptions += 1

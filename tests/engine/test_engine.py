@@ -246,3 +246,54 @@ def test_long_chunks_take_chunk_threads_at_low_load(pair):
     assert [g.token_ids for g in alone + busy] == [
         g.token_ids for g in plain.generate(prompts[:1], sampling, "entropy:0.5") + plain.generate(
             prompts, sampling, "entropy:0.5")]
+
+
+def test_routed_tokens_wait_to_share_a_large_call(pair):
+    """large_wait_steps: at a batch of at least large_wait_min_batch, a routed token waits up to that many steps
+    for others, so fewer large-model forwards write the same tokens (greedy and seeded sampling alike); no
+    token waits below that batch or where the large model runs anyway (a `large` sequence in the batch)."""
+    wait = 3
+    large_calls = []
+
+    def counting(engine):
+        inner = engine.backends["large"].forward
+        engine.backends["large"].forward = lambda batch: (large_calls.append(len(batch.chunks)), inner(batch))[1]
+        return engine
+
+    waiting, plain = counting(make_engine(*pair, large_wait_steps=wait, large_wait_min_batch=3)), make_engine(*pair)
+    # random routing draws from a generator seeded by the request's seed: distinct seeds route at different steps
+    for temperature in (0.0, 1.0):
+        samplings = [SamplingParams(max_tokens=24, temperature=temperature, seed=i, ignore_eos=True)
+                     for i in range(len(PROMPTS))]
+        large_calls.clear()
+        ids = [waiting.add_request(p, s, "random:0.2") for p, s in zip(PROMPTS, samplings)]
+        done, waited = {}, 0
+        while waiting.has_unfinished():
+            done |= {out.seq_id: out.seq for out in waiting.step() if out.finished}
+            held = [s for s in waiting.seqs.values() if s.waiting_since is not None]
+            assert all(waiting.num_steps - s.waiting_since < wait for s in held)  # runs by its wait-th step
+            waited = max([waited] + [waiting.num_steps - s.waiting_since + 1 for s in held])
+        expected = plain.generate(PROMPTS, samplings, "random:0.2")
+        assert [done[i].output_ids for i in ids] == [g.token_ids for g in expected]
+        assert [done[i].provenance for i in ids] == [g.provenance for g in expected]
+        assert waited == wait  # some token waited its whole allowance
+        assert sum(done[i].stats.num_large_waits for i in ids) > 0
+        assert len(large_calls) < sum(g.stats["large_calls"] for g in expected)  # calls shared
+        check_all_free(waiting)
+    # two sequences are fewer than large_wait_min_batch; a `large` sequence runs the large model every step
+    samplings = [SamplingParams(max_tokens=24, temperature=0.0, seed=i, ignore_eos=True) for i in range(4)]
+    for n, policies in [(2, ["random:0.2"] * 2), (4, ["large"] + ["random:0.2"] * 3)]:
+        results = waiting.generate(PROMPTS[:n], samplings[:n], policies)
+        expected = plain.generate(PROMPTS[:n], samplings[:n], policies)
+        assert [r.token_ids for r in results] == [r.token_ids for r in expected]
+        assert all(r.stats["large_waits"] == 0 for r in results)
+    check_all_free(waiting)
+
+
+@pytest.mark.parametrize("field, value", [("block_size", 0), ("chunk_threads", -1), ("chunk_threads_max_batch", 0),
+                                          ("large_wait_steps", -1), ("large_wait_min_batch", 0)])
+def test_engine_config_refuses_values_out_of_range(field, value):
+    from collab_decode.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(**{field: value})
