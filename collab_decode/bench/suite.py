@@ -267,7 +267,7 @@ def _common_args(p: argparse.ArgumentParser, out: str) -> None:
                    help=f"most output tokens per request (default: {MAX_SOLUTION_TOKENS}, room for every solution)")
     p.add_argument("--num-problems", type=int, default=200,
                    help="held-out demo problems: the accuracy set; requests cycle through them")
-    p.add_argument("--batch1-requests", type=int, default=12, help="requests per run at batch size / concurrency 1")
+    p.add_argument("--batch1-requests", type=int, default=24, help="requests per run at batch size / concurrency 1")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 16, 64],
                    help="batch sizes (engine) = concurrencies (server); a run at level L > 1 sends 3L requests")
     # 3: a server / engine check is the median of its side-by-side pairs, so one busy moment of a shared machine

@@ -17,9 +17,10 @@ asks). Prompt tokens count once per prompt in `usage`; everything else sums over
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from collab_decode.sampling import MAX_LOGPROBS, SamplingParams
 from collab_decode.serve.async_engine import Delta
@@ -27,9 +28,24 @@ from collab_decode.serve.requests import MAX_N, InvalidRequest, choice_samplings
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
+log = logging.getLogger(__name__)
+
 
 class _Strict(BaseModel):
+    """Fields of the wrong type are refused; fields this server does not know are ignored, with a warning in its
+    log naming them (as vLLM does): a misspelt parameter (`max_token`) would otherwise pass unseen."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_ignored(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            ignored = [str(k) for k in data if k not in cls.model_fields]
+            if ignored:
+                log.warning("%s: ignored field(s) this server does not know: %s", cls.__name__,
+                            ", ".join(sorted(ignored)[:20]))
+        return data
 
 
 class StreamOptions(_Strict):

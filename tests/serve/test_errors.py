@@ -3,6 +3,8 @@ succeeds); the API key (401) and the queue bound (429)."""
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import openai
 import pytest
@@ -79,6 +81,25 @@ def test_openai_client_raises_bad_request(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="demo", prompt=PROMPT, max_tokens=0)
     assert "max_tokens" in e.value.message
+
+
+def test_unknown_fields_are_ignored_and_named_in_the_log(server, caplog):
+    """A field the server does not know (a misspelt parameter) does not fail the request (vLLM's behaviour); the
+    server's log names it, on completions, chat and a chat message alike."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with caplog.at_level(logging.WARNING, logger="collab_decode.serve.protocol"):
+        out = client.completions.create(model="demo", prompt=PROMPT, max_tokens=2, temperature=0,
+                                        extra_body={"max_token": 5, "frobnicate": True})
+        chat = post(server, "/v1/chat/completions", {"max_tokens": 2, "temprature": 0, "messages": [
+            {"role": "user", "content": PROMPT, "mood": "curious"}]})
+    assert out.usage.completion_tokens == 2 and chat.status_code == 200
+    warned = [r.getMessage() for r in caplog.records if r.name == "collab_decode.serve.protocol"]
+    assert any("CompletionRequest" in m and "frobnicate, max_token" in m for m in warned), warned
+    assert any("ChatCompletionRequest" in m and "temprature" in m for m in warned), warned
+    assert any("ChatMessage" in m and "mood" in m for m in warned), warned
+    caplog.clear()
+    post(server, "/v1/completions", GOOD)
+    assert not [r for r in caplog.records if r.name == "collab_decode.serve.protocol"]  # nothing to name
 
 
 def test_unknown_route_is_an_openai_404(server):
