@@ -162,6 +162,8 @@ class RequestStream:
             metrics.e2e.observe(elapsed)
             metrics.prompt_tokens.inc(delta.num_prompt_tokens)
             metrics.request_large_share.observe(delta.stats["large_share"])
+            metrics.large_calls.inc(delta.stats["large_calls"])
+            metrics.large_waits.inc(delta.stats["large_waits"])
 
     def abort(self) -> None:
         """Stop the request now (a client went away); the engine frees its blocks before its next step."""

@@ -26,6 +26,10 @@ class ServerMetrics:
                                  "the large model", registry=r)
         self.request_large_share = Histogram("collab_decode_request_large_share", "Large share per finished "
                                              "request", buckets=_SHARE_BUCKETS, registry=r)
+        self.large_calls = Counter("collab_decode_large_calls", "Large-model forwards, counted once per finished "
+                                   "request that took part in each", registry=r)
+        self.large_waits = Counter("collab_decode_large_waits", "Steps that finished requests' routed tokens waited "
+                                   "to share a large-model call (--large-wait-steps)", registry=r)
         self.in_flight = Gauge("collab_decode_requests_in_flight", "Requests admitted and not yet finished "
                                "(bounded by --max-queue)", registry=r)
         self.waiting = Gauge("collab_decode_requests_waiting", "Requests queued in the engine's scheduler", registry=r)

@@ -49,14 +49,17 @@ def test_token_counts_equal_usage(client, server):
             text=PROMPT, sampling=pb.SamplingParams(max_tokens=12, temperature=0), routing=ROUTING), timeout=60)
         u = got.usage
         usages.append({"prompt_tokens": u.prompt_tokens, "small_tokens": u.small_tokens,
-                       "large_tokens": u.large_tokens, "large_share": u.large_share})
+                       "large_tokens": u.large_tokens, "large_share": u.large_share, "large_calls": u.large_calls})
     after = server.wait_idle()
-    total = {key: sum(u[key] for u in usages) for key in ("prompt_tokens", "small_tokens", "large_tokens")}
+    total = {key: sum(u[key] for u in usages) for key in ("prompt_tokens", "small_tokens", "large_tokens",
+                                                         "large_calls")}
     assert total["small_tokens"] > 0 and total["large_tokens"] > 0
     for model in ("small", "large"):
         assert delta(before, after, f'collab_decode_generation_tokens_total{{model="{model}"}}') == \
             total[f"{model}_tokens"], model
     assert delta(before, after, "collab_decode_prompt_tokens_total") == total["prompt_tokens"]
+    assert delta(before, after, "collab_decode_large_calls_total") == total["large_calls"] > 0
+    assert delta(before, after, "collab_decode_large_waits_total") == 0  # this server lets no token wait
     finished = sum(delta(before, after, f'collab_decode_requests_total{{outcome="{o}"}}') for o in ("stop", "length"))
     assert finished == len(usages)
     assert delta(before, after, "collab_decode_request_large_share_count") == len(usages)
