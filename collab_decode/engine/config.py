@@ -35,7 +35,8 @@ class EngineConfig:
     large_wait_steps: int = field(default=0, metadata=_doc(
         "most engine steps a routed token may wait for other routed tokens to share its large-model call, while "
         "at least --large-wait-min-batch sequences run (a large call costs nearly the same for a few sequences "
-        "as for one: a GPU's, or a CPU's fixed cost per call); 0: every routed token runs at once"))
+        "as for one: a GPU's, or a CPU's fixed cost per call; not a remote large model's, one request per "
+        "sequence); 0: every routed token runs at once"))
     large_wait_min_batch: int = field(default=16, metadata=_doc(
         "the fewest running sequences at which a routed token waits (--large-wait-steps); fewer: none waits"))
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -52,5 +53,8 @@ class EngineConfig:
         if self.large_wait_steps < 0 or self.large_wait_min_batch < 1:
             raise ValueError(f"large_wait_steps must be >= 0 and large_wait_min_batch >= 1, got "
                              f"{self.large_wait_steps} and {self.large_wait_min_batch}")
+        if self.large_wait_steps and self.large_wait_min_batch > self.scheduler.max_num_seqs:
+            raise ValueError(f"large_wait_min_batch ({self.large_wait_min_batch}) is above max_num_seqs "
+                             f"({self.scheduler.max_num_seqs}): no routed token would ever wait")
         if not self.step_delimiter:
             raise ValueError("step_delimiter must be a non-empty string")

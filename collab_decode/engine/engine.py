@@ -6,6 +6,8 @@ step() is the whole token path, in public parts:
     proposals, view = run_small(plan)                 small forward (catch-up chunks + decodes), proposals
     routed = route(proposals, view)                   each distinct router asked once, batched
     run_large(routed, proposals)                      the large model catches up and writes routed tokens
+                                                      (at a large batch they may wait a few steps to share
+                                                      one call: hold)
                                                       (and prefills prompts it must score: prompt_logprobs)
                                                       (a BackendError ends only the requests it names)
     outputs = postprocess(proposals)                  append, stop rule, stream (engine/output.py)
@@ -211,7 +213,7 @@ class Engine:
                 seqs.append(seq)
                 num_new.append(n)
             else:
-                proposals[seq.seq_id] = Proposal(seq, routed=True)  # large-owned: no small forward
+                proposals[seq.seq_id] = Proposal(seq, routed=True)  # large-owned or waiting: no small forward
         if not seqs:
             return proposals, None
         out = self.runner.forward(SMALL, seqs, num_new)
@@ -308,6 +310,7 @@ class Engine:
         for seq, backlog, catchup in zip(routed, backlogs, catching_up):
             seq.stats.num_catchup_tokens += backlog - 1 if catchup else 0
             seq.stats.num_large_calls += 1
+            seq.waiting_since = None  # (only now: after a BackendError the others come back having waited)
         if not routed:
             return []
         sample = self.runner.sample(out.logits[:len(routed)], routed)
@@ -323,14 +326,14 @@ class Engine:
         to config.large_wait_steps steps; the call runs once one has waited that long, or when the large model
         runs this step anyway (`must_run`: a prompt to score; a `large` or step-mode sequence), or when every
         running sequence waits. A waiting sequence proposes nothing (the small model has nothing new to read)
-        and holds no new block; its token is the one the large model would have written at once."""
+        and holds no new block; its token is the one the large model would have written at once (unless it is
+        preempted meanwhile: then, as any preempted request, it recomputes, and a sampled one draws anew).
+        With a remote large model (--large-url) waiting saves nothing: its calls go one request per sequence."""
         cfg, running = self.config, len(self.scheduler.running)
         if (not routed or cfg.large_wait_steps == 0 or running < cfg.large_wait_min_batch
                 or len(routed) >= running or must_run or any(s.large_owned for s in routed)
                 or any(self.num_steps - s.waiting_since >= cfg.large_wait_steps
                        for s in routed if s.waiting_since is not None)):
-            for seq in routed:
-                seq.waiting_since = None
             return routed
         for seq in routed:
             if seq.waiting_since is None:

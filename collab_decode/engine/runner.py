@@ -43,6 +43,7 @@ class ModelRunner:
         self.vocab_size = vocab_size  # ids every model and the tokenizer know (padding rows are cut off)
         self.sampler = Sampler()
         self.times = StepTimes()
+        self.num_forwards = {name: 0 for name in backends}  # forwards so far per model (however many sequences each)
         # torch threads for a large forward of >= CHUNK_MIN_TOKENS tokens (0: unchanged); the engine sets it each step
         self.chunk_threads = 0
 
@@ -63,6 +64,7 @@ class ModelRunner:
         else:
             out = self.backends[model].forward(ModelInput(chunks))
         elapsed = time.perf_counter() - t0
+        self.num_forwards[model] += 1
         if model == SMALL:
             self.times.small_forward += elapsed
         else:

@@ -59,6 +59,7 @@ class EngineState:
     kv_used: dict[str, int]  # pool -> blocks in use
     kv_total: dict[str, int]  # pool -> blocks
     unavailable: dict[str, str]  # model -> why it cannot serve now (Engine.unavailable_models)
+    forwards: dict[str, int]  # model -> forwards so far (a large-model call shared by k requests is one)
 
     @classmethod
     def of(cls, engine) -> "EngineState":
@@ -67,7 +68,8 @@ class EngineState:
         kv = engine.kv
         return cls(len(engine.scheduler.waiting), len(engine.scheduler.running),
                    {pool: m.num_used_blocks for pool, m in kv.items()},
-                   {pool: m.pool.num_blocks for pool, m in kv.items()}, engine.unavailable_models())
+                   {pool: m.pool.num_blocks for pool, m in kv.items()}, engine.unavailable_models(),
+                   dict(engine.runner.num_forwards))
 
 
 @dataclass

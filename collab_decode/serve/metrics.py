@@ -26,8 +26,11 @@ class ServerMetrics:
                                  "the large model", registry=r)
         self.request_large_share = Histogram("collab_decode_request_large_share", "Large share per finished "
                                              "request", buckets=_SHARE_BUCKETS, registry=r)
-        self.large_calls = Counter("collab_decode_large_calls", "Large-model forwards, counted once per finished "
-                                   "request that took part in each", registry=r)
+        self.forwards = Counter("collab_decode_model_forwards", "Forwards of each model (a large-model call that "
+                                "several requests share is one)", ["model"], registry=r)
+        self.large_calls = Counter("collab_decode_large_calls", "Large-model calls of finished requests, summed "
+                                   "over them (usage.large_calls: a call shared by k requests counts k times)",
+                                   registry=r)
         self.large_waits = Counter("collab_decode_large_waits", "Steps that finished requests' routed tokens waited "
                                    "to share a large-model call (--large-wait-steps)", registry=r)
         self.in_flight = Gauge("collab_decode_requests_in_flight", "Requests admitted and not yet finished "
@@ -46,6 +49,7 @@ class ServerMetrics:
         self.step_seconds = Histogram("collab_decode_engine_step_seconds", "Duration of one engine step",
                                       buckets=_LATENCY_BUCKETS, registry=r)
         self._num_small = self._num_large = 0
+        self._forwards: dict[str, int] = {}  # the engine's forward counts at the last report
 
     def count_tokens(self, provenance: list[str]) -> None:
         """Count a delta's output tokens by model and update the overall large share."""
@@ -71,6 +75,10 @@ class ServerMetrics:
         for pool, used in state.kv_used.items():
             self.kv_blocks_used.labels(pool).set(used)
             self.kv_blocks_total.labels(pool).set(state.kv_total[pool])
+        for model, count in state.forwards.items():
+            if count > self._forwards.get(model, 0):
+                self.forwards.labels(model).inc(count - self._forwards.get(model, 0))
+            self._forwards[model] = count
 
 
     def watch_models(self, engine) -> None:

@@ -29,6 +29,7 @@ from collab_decode.serve.requests import MAX_N, InvalidRequest, choice_samplings
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 log = logging.getLogger(__name__)
+MAX_LOGGED_FIELDS, MAX_LOGGED_NAME = 10, 64  # unknown fields named per request model, characters of each
 
 
 class _Strict(BaseModel):
@@ -40,11 +41,12 @@ class _Strict(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _warn_ignored(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            ignored = [str(k) for k in data if k not in cls.model_fields]
-            if ignored:
-                log.warning("%s: ignored field(s) this server does not know: %s", cls.__name__,
-                            ", ".join(sorted(ignored)[:20]))
+        if isinstance(data, dict):  # (a null field sets nothing: clients send `refusal: null` and the like)
+            ignored = [k for k, v in data.items() if k not in cls.model_fields and v is not None]
+            if ignored:  # the client's names, quoted and cut: they must not write lines of their own
+                names = ", ".join(repr(str(k)[:MAX_LOGGED_NAME]) for k in ignored[:MAX_LOGGED_FIELDS])
+                more = f" (+{len(ignored) - MAX_LOGGED_FIELDS} more)" if len(ignored) > MAX_LOGGED_FIELDS else ""
+                log.warning("%s: ignored field(s) this server does not know: %s%s", cls.__name__, names, more)
         return data
 
 

@@ -253,19 +253,12 @@ def test_routed_tokens_wait_to_share_a_large_call(pair):
     for others, so fewer large-model forwards write the same tokens (greedy and seeded sampling alike); no
     token waits below that batch or where the large model runs anyway (a `large` sequence in the batch)."""
     wait = 3
-    large_calls = []
-
-    def counting(engine):
-        inner = engine.backends["large"].forward
-        engine.backends["large"].forward = lambda batch: (large_calls.append(len(batch.chunks)), inner(batch))[1]
-        return engine
-
-    waiting, plain = counting(make_engine(*pair, large_wait_steps=wait, large_wait_min_batch=3)), make_engine(*pair)
+    waiting, plain = make_engine(*pair, large_wait_steps=wait, large_wait_min_batch=3), make_engine(*pair)
     # random routing draws from a generator seeded by the request's seed: distinct seeds route at different steps
     for temperature in (0.0, 1.0):
         samplings = [SamplingParams(max_tokens=24, temperature=temperature, seed=i, ignore_eos=True)
                      for i in range(len(PROMPTS))]
-        large_calls.clear()
+        calls = {e: e.runner.num_forwards["large"] for e in (waiting, plain)}
         ids = [waiting.add_request(p, s, "random:0.2") for p, s in zip(PROMPTS, samplings)]
         done, waited = {}, 0
         while waiting.has_unfinished():
@@ -278,7 +271,8 @@ def test_routed_tokens_wait_to_share_a_large_call(pair):
         assert [done[i].provenance for i in ids] == [g.provenance for g in expected]
         assert waited == wait  # some token waited its whole allowance
         assert sum(done[i].stats.num_large_waits for i in ids) > 0
-        assert len(large_calls) < sum(g.stats["large_calls"] for g in expected)  # calls shared
+        calls = {e: e.runner.num_forwards["large"] - n for e, n in calls.items()}
+        assert calls[waiting] < calls[plain]  # calls shared
         check_all_free(waiting)
     # two sequences are fewer than large_wait_min_batch; a `large` sequence runs the large model every step
     samplings = [SamplingParams(max_tokens=24, temperature=0.0, seed=i, ignore_eos=True) for i in range(4)]
@@ -294,6 +288,10 @@ def test_routed_tokens_wait_to_share_a_large_call(pair):
                                           ("large_wait_steps", -1), ("large_wait_min_batch", 0)])
 def test_engine_config_refuses_values_out_of_range(field, value):
     from collab_decode.engine.config import EngineConfig
+    from collab_decode.engine.scheduler import SchedulerConfig
 
     with pytest.raises(ValueError, match=field):
         EngineConfig(**{field: value})
+    with pytest.raises(ValueError, match="no routed token would ever wait"):  # a batch never that large
+        EngineConfig(large_wait_steps=2, large_wait_min_batch=9, scheduler=SchedulerConfig(max_num_seqs=8))
+    EngineConfig(large_wait_min_batch=9, scheduler=SchedulerConfig(max_num_seqs=8))  # no waits: nothing to refuse

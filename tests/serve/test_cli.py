@@ -87,7 +87,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
         "--max-prompt-chars", 900, "--max-prompt-tokens", 80, "--max-output-tokens", 70, "--max-stop", 3,
         "--max-stop-chars", 9, "--max-messages", 6, "--request-timeout", 30, "--header-timeout", 2.5,
         "--idle-timeout", 3.5, "--chunk-threads", 3, "--chunk-threads-max-batch", 2, "--large-wait-steps", 4,
-        "--large-wait-min-batch", 8)
+        "--large-wait-min-batch", 3)
     assert torch.get_num_threads() == 2  # set by the engine's builder, before the models load
     torch.set_num_threads(1)  # what the test suite runs with
     limits = Limits(max_body_bytes=1000, max_prompt_chars=900, max_prompt_tokens=80, max_output_tokens=70, max_stop=3,
@@ -105,7 +105,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
         (8, 3 << 20, 5 << 20, "entropy:0.5", ";")
     assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens, c.scheduler.max_model_len) == (5, 77, 100)
     assert (c.chunk_threads, c.chunk_threads_max_batch) == (3, 2)
-    assert (c.large_wait_steps, c.large_wait_min_batch) == (4, 8)
+    assert (c.large_wait_steps, c.large_wait_min_batch) == (4, 3)
     assert "serving 'mine' (default policy entropy:0.5): REST http://0.0.0.0:1234/v1, gRPC 0.0.0.0:4321; " \
            "API key required" in printed
     assert serving_addresses(printed) == ("http://0.0.0.0:1234", "0.0.0.0:4321")  # what bench and soak read

@@ -89,14 +89,15 @@ def test_unknown_fields_are_ignored_and_named_in_the_log(server, caplog):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     with caplog.at_level(logging.WARNING, logger="collab_decode.serve.protocol"):
         out = client.completions.create(model="demo", prompt=PROMPT, max_tokens=2, temperature=0,
-                                        extra_body={"max_token": 5, "frobnicate": True})
+                                        extra_body={"max_token": 5, "frobnicate": True, "fake\nINFO line": 1})
         chat = post(server, "/v1/chat/completions", {"max_tokens": 2, "temprature": 0, "messages": [
-            {"role": "user", "content": PROMPT, "mood": "curious"}]})
+            {"role": "user", "content": PROMPT, "mood": "curious", "refusal": None}]})
     assert out.usage.completion_tokens == 2 and chat.status_code == 200
     warned = [r.getMessage() for r in caplog.records if r.name == "collab_decode.serve.protocol"]
-    assert any("CompletionRequest" in m and "frobnicate, max_token" in m for m in warned), warned
+    assert any("CompletionRequest" in m and "'max_token', 'frobnicate'" in m for m in warned), warned
+    assert all("\n" not in m for m in warned) and any("'fake\\nINFO line'" in m for m in warned), warned
     assert any("ChatCompletionRequest" in m and "temprature" in m for m in warned), warned
-    assert any("ChatMessage" in m and "mood" in m for m in warned), warned
+    assert any("ChatMessage" in m and "mood" in m and "refusal" not in m for m in warned), warned  # null: unsaid
     caplog.clear()
     post(server, "/v1/completions", GOOD)
     assert not [r for r in caplog.records if r.name == "collab_decode.serve.protocol"]  # nothing to name

@@ -59,6 +59,9 @@ def test_token_counts_equal_usage(client, server):
             total[f"{model}_tokens"], model
     assert delta(before, after, "collab_decode_prompt_tokens_total") == total["prompt_tokens"]
     assert delta(before, after, "collab_decode_large_calls_total") == total["large_calls"] > 0
+    # the engine's own forwards: one per step that ran the model (a call several requests share counts once)
+    assert 0 < delta(before, after, 'collab_decode_model_forwards_total{model="large"}') <= total["large_calls"]
+    assert delta(before, after, 'collab_decode_model_forwards_total{model="small"}') >= total["small_tokens"] // 4
     assert delta(before, after, "collab_decode_large_waits_total") == 0  # this server lets no token wait
     finished = sum(delta(before, after, f'collab_decode_requests_total{{outcome="{o}"}}') for o in ("stop", "length"))
     assert finished == len(usages)
