@@ -295,3 +295,18 @@ def test_engine_config_refuses_values_out_of_range(field, value):
     with pytest.raises(ValueError, match="no routed token would ever wait"):  # a batch never that large
         EngineConfig(large_wait_steps=2, large_wait_min_batch=9, scheduler=SchedulerConfig(max_num_seqs=8))
     EngineConfig(large_wait_min_batch=9, scheduler=SchedulerConfig(max_num_seqs=8))  # no waits: nothing to refuse
+
+
+def test_waiting_tokens_survive_preemption(pair, mid_entropy):
+    """Pools too small for four sequences: waiting sequences get preempted and recompute; under a router whose
+    decision is a function of the context (entropy, greedy) the outputs still equal an unconstrained engine's
+    without waiting, and every block comes back."""
+    engine = make_engine(*pair, block_size=4, small_kv_bytes=48 * 2 * 2 * 2 * 8 * 4,
+                         large_kv_bytes=48 * 2 * 3 * 2 * 16 * 4, large_wait_steps=3, large_wait_min_batch=2)
+    policy = f"entropy:{mid_entropy}"
+    results = engine.generate(PROMPTS, GREEDY, policy)
+    assert sum(r.stats["preemptions"] for r in results) > 0 and sum(r.stats["large_waits"] for r in results) > 0
+    expected = make_engine(*pair).generate(PROMPTS, GREEDY, policy)
+    assert [r.token_ids for r in results] == [r.token_ids for r in expected]
+    assert [r.provenance for r in results] == [r.provenance for r in expected]
+    check_all_free(engine)
