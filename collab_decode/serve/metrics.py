@@ -76,8 +76,9 @@ class ServerMetrics:
             self.kv_blocks_used.labels(pool).set(used)
             self.kv_blocks_total.labels(pool).set(state.kv_total[pool])
         for model, count in state.forwards.items():
-            if count > self._forwards.get(model, 0):
-                self.forwards.labels(model).inc(count - self._forwards.get(model, 0))
+            new = count - self._forwards.get(model, 0)
+            if new > 0:
+                self.forwards.labels(model).inc(new)
             self._forwards[model] = count
 
 
