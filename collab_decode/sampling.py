@@ -61,12 +61,16 @@ class SamplingParams:
     # per prompt token: its logprob given the tokens before it and the top-n there (vLLM's prompt_logprobs),
     # from the model that prefills the prompt first; None = none, 0 = the prompt token only
     prompt_logprobs: int | None = None
+    # True when the request always takes the argmax token (temperature 0 or top_k 1); set from the above once,
+    # since the sampler reads it for every row of every step
+    greedy: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         self._validate()
+        object.__setattr__(self, "greedy", self.temperature == 0 or self.top_k == 1)
 
     def _validate(self) -> None:
         if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT64_MAX:
@@ -93,11 +97,6 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise SamplingError("stop", f"stop strings must be non-empty strings, got {s!r} in {self.stop!r}")
-
-    @property
-    def greedy(self) -> bool:
-        """True when the request always takes the argmax token."""
-        return self.temperature == 0 or self.top_k == 1
 
 
 def _is_int(x: object) -> bool:
@@ -219,9 +218,12 @@ class Sampler:
         if not len(params) == len(generators) == logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} rows of logits, {len(params)} params and "
                              f"{len(generators)} generators must match")
-        logits = logits.float()  # (B, V)
+        if logits.dtype != torch.float32:  # (a call of .float() costs ~1 us even when it returns its input)
+            logits = logits.float()  # (B, V)
         if all(p.greedy for p in params):
             row_max, token_ids = logits.max(dim=-1)  # (B,), (B,): the max propagates NaN
+            if all(p.logprobs is None for p in params):  # the hot path: nothing else to compute
+                return SampleOutput(token_ids, None, row_max=row_max)
         else:
             row_max = logits.amax(dim=-1)
             probs = processed_probs(logits, params)  # (B, V)

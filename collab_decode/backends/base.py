@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 
-@dataclass
+@dataclass(slots=True)  # (made once per sequence per step)
 class SeqChunk:
     """One sequence's part of a forward."""
 

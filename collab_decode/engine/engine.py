@@ -416,7 +416,7 @@ class SmallView:
     inputs: RouterInputs
 
 
-@dataclass
+@dataclass(slots=True)  # (made once per sequence per step)
 class Proposal:
     """A sequence's candidate next token this step, and who wrote it."""
 

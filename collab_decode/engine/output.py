@@ -21,7 +21,7 @@ from collab_decode.engine.sequence import LARGE, Sequence
 from collab_decode.sampling import SampleOutput, check_stop
 
 
-@dataclass
+@dataclass(slots=True)  # (made once per sequence per step)
 class RequestOutput:
     """One request's progress in one step (streamed) or at its end."""
 

@@ -78,9 +78,19 @@ class Sequence:
     stats: SequenceStats = field(default_factory=SequenceStats)
     generator: Any = None  # torch.Generator of a seeded request
 
+    # fixed by spec and router for the sequence's life, so read per step as plain attributes (__post_init__)
+    mode: str = field(init=False)  # token | step | speculative (the spec's): how the engine decodes it
+    uses_small: bool = field(init=False)  # the small model runs on it
+    uses_large: bool = field(init=False)  # the large model may write its tokens
+    routes_all: bool = field(init=False)  # the large model writes every token
+
     def __post_init__(self):
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
+        self.mode = self.spec.mode
+        self.routes_all = self.router is not None and self.router.routes_all
+        self.uses_small = not self.routes_all
+        self.uses_large = self.router is None or self.router.uses_large
 
     @property
     def num_tokens(self) -> int:
@@ -99,22 +109,9 @@ class Sequence:
         return len(self.token_ids) - len(self.prompt_ids)
 
     @property
-    def mode(self) -> str:
-        """token | step | speculative: how the engine decodes this sequence."""
-        return self.spec.mode
-
-    @property
-    def uses_small(self) -> bool:
-        return self.router is None or not self.router.routes_all
-
-    @property
-    def uses_large(self) -> bool:
-        return self.router is None or self.router.uses_large
-
-    @property
     def large_owned(self) -> bool:
         """The large model writes the next token without asking the small model (which lags)."""
-        return self.router is not None and (self.router.routes_all or self.step_owner == LARGE)
+        return self.routes_all or self.step_owner == LARGE
 
     @property
     def lookahead(self) -> int:
