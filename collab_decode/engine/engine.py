@@ -4,8 +4,9 @@ step() is the whole token path, in public parts:
 
     plan = scheduler.schedule()                       which sequences run, how many small-model tokens each
     proposals, view = run_small(plan)                 small forward (catch-up chunks + decodes), proposals
-    routed = route(proposals, view)                   each distinct router asked once, batched
-    run_large(routed, proposals)                      the large model catches up and writes routed tokens
+    routed = route(proposals, view)                   each distinct router asked once, batched (route_step.py)
+    large.run(routed, proposals)                      the large model catches up and writes routed tokens
+                                                      (engine/large_step.py)
                                                       (at a large batch they may wait a few steps to share
                                                       one call: hold)
                                                       (and prefills prompts it must score: prompt_logprobs)
@@ -29,15 +30,16 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from collab_decode.backends.base import Backend, BackendError, unavailable_reason
+from collab_decode.backends.base import Backend, unavailable_reason
 from collab_decode.engine.config import EngineConfig
-from collab_decode.engine.output import (Failure, OutputProcessor, RequestOutput, internal_error, nonfinite_error,
-                                         upstream_error)
+from collab_decode.engine.large_step import LargeStep
+from collab_decode.engine.output import (Generation, OutputProcessor, Proposal, RequestOutput, internal_error,
+                                         nonfinite_error)
+from collab_decode.engine.route_step import SmallView, route
 from collab_decode.engine.runner import ModelRunner, StepTimes
 from collab_decode.engine.scheduler import Scheduler, ScheduleOutput
 from collab_decode.engine.sequence import LARGE, SMALL, Sequence
@@ -45,7 +47,9 @@ from collab_decode.engine.speculative import speculative_step
 from collab_decode.kvcache import KVCacheManager
 from collab_decode.routing import Router, RouterContext, RouterInputs, RoutingSpec, build_router, parse_routing
 from collab_decode.routing.neural import load_router
-from collab_decode.sampling import SampleOutput, SamplingParams, make_generator
+from collab_decode.sampling import SamplingParams, make_generator
+
+__all__ = ["Engine", "Generation"]  # (Generation lives with the other step records, in engine/output.py)
 
 ROUTER_CACHE_SIZE = 64  # routers kept for distinct specs (a request naming a new threshold builds one)
 
@@ -72,6 +76,7 @@ class Engine:
         self.runner = ModelRunner(self.backends, kv, self.vocab_size)
         self.output = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len, self.config.step_delimiter,
                                       self._finish)
+        self.large = LargeStep(self.runner, self.scheduler, self.output, self.config)  # the step's large-model half
         self.fingerprint = fingerprint  # the pair's, when built from model directories (build_engine)
         self.router_context = RouterContext(small.hidden_size, {  # on the small model's device: it reads its tensors
             name: load_router(path, small.hidden_size, fingerprint, small.device)
@@ -182,8 +187,8 @@ class Engine:
         self.runner.chunk_threads = self.config.chunk_threads if low_load else 0
         token_plan, spec_seqs = self.split_speculative(plan)
         proposals, small_view = self.run_small(token_plan)  # seq_id -> proposed token; the small model's view
-        routed = self.route(proposals, small_view)
-        failed = self.run_large(routed, proposals)
+        routed = route(proposals, small_view, self.runner.times)
+        failed = self.large.run(routed, proposals, self.num_steps)
         outputs = failed + self.postprocess(proposals)
         if spec_seqs:
             outputs += speculative_step(spec_seqs, self.runner, self.scheduler, self.output)
@@ -203,7 +208,7 @@ class Engine:
         token_plan = ScheduleOutput([plan.seqs[i] for i in keep], [plan.num_new_tokens[i] for i in keep])
         return token_plan, spec
 
-    def run_small(self, plan: ScheduleOutput) -> tuple[dict[int, "Proposal"], "SmallView | None"]:
+    def run_small(self, plan: ScheduleOutput) -> tuple[dict[int, Proposal], SmallView | None]:
         """Small forward over every scheduled chunk; sample proposals where a sequence reached its end.
         Also returns what the small model saw at those sequences' last positions, for the routers."""
         proposals: dict[int, Proposal] = {}
@@ -237,117 +242,12 @@ class Engine:
                               self.backends[SMALL].embed, sample.row_max, sampled)
         return proposals, SmallView(sampled, inputs)
 
-    def route(self, proposals: dict[int, "Proposal"], view: "SmallView | None") -> list[Sequence]:
-        """Ask each distinct router about the sequences that need its decision, in one batched call;
-        mark routed proposals. Step-mode sequences are asked only at a step's start, and the answer
-        owns the step. A sequence the router raises on fails (its proposal carries the error)."""
-        groups: dict[int, list[int]] = {}  # id(router) -> rows of the view
-        seqs = view.seqs if view is not None else []
-        for i, seq in enumerate(seqs):
-            if (seq.uses_large and (seq.mode == "token" or seq.step_owner is None)
-                    and proposals[seq.seq_id].error is None):
-                groups.setdefault(id(seq.router), []).append(i)
-        if groups:  # (timed only where a router is asked: `small` and `large` spend nothing here)
-            t0 = time.perf_counter()
-            for rows in groups.values():
-                for i, routed in self._decide(seqs[rows[0]].router, view.inputs, rows).items():
-                    seq = seqs[i]
-                    if routed is None:
-                        proposals[seq.seq_id].error = internal_error("routing", seq.seq_id)
-                        continue
-                    proposals[seq.seq_id].routed = routed
-                    if seq.mode == "step":
-                        seq.step_owner = LARGE if routed else SMALL
-            self.runner.times.route += time.perf_counter() - t0
-        return [p.seq for p in proposals.values() if p.routed and p.error is None]
-
-    @staticmethod
-    def _decide(router: Router, inputs: RouterInputs, rows: list[int]) -> dict[int, bool | None]:
-        """Row of `inputs` -> the router's decision, from one batched call (usually one router: every row).
-        If that call raises, each row is asked alone: the rows it still raises on get None (their requests
-        fail), the others the decision they get alone."""
-        try:
-            batch = inputs if len(rows) == len(inputs.states) else inputs.select(rows)
-            return dict(zip(rows, _as_list(router.decide(batch))))
-        except Exception:
-            log.exception("router %s raised on a batch of %d sequences; asking each alone", type(router).__name__,
-                          len(rows))
-        decisions: dict[int, bool | None] = {}
-        for i in rows:
-            try:
-                decisions[i] = _as_list(router.decide(inputs.select([i])))[0]
-            except Exception:
-                log.exception("router %s raised on one sequence: that request fails", type(router).__name__)
-                decisions[i] = None
-        return decisions
-
-    def run_large(self, routed: list[Sequence], proposals: dict[int, "Proposal"]) -> list[RequestOutput]:
-        """The large model catches up on each routed sequence's backlog and writes its next token. Returns
-        the outputs of requests it failed: those a BackendError names end with an error; the rest of the
-        batch commit nothing this step, and next step (their small backlog empty) go to the large model
-        again without a new routing decision.
-        The same forward prefills the prompts the large model scores (prompt_logprobs) of sequences whose
-        token the small model writes: their rows are not sampled."""
-        scoring = [p.seq for p in proposals.values() if not p.routed and p.sample is not None
-                   and p.seq.needs_prompt_logprobs and p.seq.prompt_scorer == LARGE]
-        routed = self.hold(routed, proposals, bool(scoring))
-        if not routed and not scoring:
-            return []
-        for seq in self.scheduler.reserve(LARGE, routed + scoring, [s.num_tokens for s in routed + scoring]):
-            proposals.pop(seq.seq_id, None)  # preempted: it will recompute from scratch
-        routed = [s for s in routed if s.seq_id in proposals]
-        seqs = routed + [s for s in scoring if s.seq_id in proposals]  # routed first: rows 0..len(routed)-1
-        if not seqs:
-            return []
-        backlogs = [s.num_tokens - s.num_cached[LARGE] for s in seqs]
-        catching_up = [s.num_cached[LARGE] > 0 or s.num_output_tokens > 0 for s in routed]
-        try:
-            out = self.runner.forward(LARGE, seqs, backlogs)
-        except BackendError as e:  # e.g. the remote endpoint is down: end the requests it names
-            for seq in seqs:
-                proposals.pop(seq.seq_id, None)  # the others write this token next step
-            return [self.output.fail(s, upstream_error(e.errors[s.seq_id])) for s in seqs if s.seq_id in e.errors]
-        for seq, backlog, catchup in zip(routed, backlogs, catching_up):
-            seq.stats.num_catchup_tokens += backlog - 1 if catchup else 0
-            seq.stats.num_large_calls += 1
-            seq.waiting_since = None  # (only now: after a BackendError the others come back having waited)
-        if not routed:
-            return []
-        sample = self.runner.sample(out.logits[:len(routed)], routed)
-        nonfinite = set(sample.nonfinite_rows)
-        for j, seq in enumerate(routed):
-            proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j, routed=True, source=LARGE,
-                                             error=nonfinite_error(LARGE) if j in nonfinite else None)
-        return []
-
-    def hold(self, routed: list[Sequence], proposals: dict[int, "Proposal"], must_run: bool) -> list[Sequence]:
-        """The routed sequences the large model runs this step: all of them, or none while they wait for others
-        to share the call. While at least config.large_wait_min_batch sequences run, a routed token waits up
-        to config.large_wait_steps steps; the call runs once one has waited that long, or when the large model
-        runs this step anyway (`must_run`: a prompt to score; a `large` or step-mode sequence), or when every
-        running sequence waits. A waiting sequence proposes nothing (the small model has nothing new to read)
-        and holds no new block; its token is the one the large model would have written at once (unless it is
-        preempted meanwhile: then, as any preempted request, it recomputes, and a sampled one draws anew).
-        With a remote large model (--large-url) waiting saves nothing: its calls go one request per sequence."""
-        cfg, running = self.config, len(self.scheduler.running)
-        if (not routed or cfg.large_wait_steps == 0 or running < cfg.large_wait_min_batch
-                or len(routed) >= running or must_run or any(s.large_owned for s in routed)
-                or any(self.num_steps - s.waiting_since >= cfg.large_wait_steps
-                       for s in routed if s.waiting_since is not None)):
-            return routed
-        for seq in routed:
-            if seq.waiting_since is None:
-                seq.waiting_since = self.num_steps
-            seq.stats.num_large_waits += 1
-            proposals.pop(seq.seq_id)  # (a fresh one's proposal is the small model's token: never committed)
-        return []
-
-    def postprocess(self, proposals: dict[int, "Proposal"]) -> list[RequestOutput]:
+    def postprocess(self, proposals: dict[int, Proposal]) -> list[RequestOutput]:
         """Commit each sequence's token and decide whether its request ends; end those that failed."""
         return [self._commit(p) for p in proposals.values()
                 if not p.seq.finished and (p.sample is not None or p.error is not None)]
 
-    def _commit(self, p: "Proposal") -> RequestOutput:
+    def _commit(self, p: Proposal) -> RequestOutput:
         if p.error is not None:
             return self.output.fail(p.seq, p.error)
         try:
@@ -379,7 +279,7 @@ class Engine:
     # ---- offline API ----------------------------------------------------------------------------
     def generate(self, prompts: list[str] | list[list[int]],
                  sampling: SamplingParams | list[SamplingParams] | None = None,
-                 routing: str | RoutingSpec | list | None = None, progress: bool = False) -> list["Generation"]:
+                 routing: str | RoutingSpec | list | None = None, progress: bool = False) -> list[Generation]:
         """Run prompts (text or token ids) to completion; results in prompt order."""
         n = len(prompts)
         samplings = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * n
@@ -402,47 +302,3 @@ class Engine:
         return [results[i] for i in ids]
 
 
-def _as_list(decisions) -> list[bool]:
-    """A router's decisions (a bool tensor, or a list of bools) as a list."""
-    return decisions.tolist() if isinstance(decisions, torch.Tensor) else list(decisions)
-
-
-@dataclass
-class SmallView:
-    """The sequences that reached their last token in this step's small forward, and what the small model
-    saw there (row i of `inputs` = seqs[i])."""
-
-    seqs: list[Sequence]
-    inputs: RouterInputs
-
-
-@dataclass(slots=True)  # (made once per sequence per step)
-class Proposal:
-    """A sequence's candidate next token this step, and who wrote it."""
-
-    seq: Sequence
-    sample: SampleOutput | None = None  # holds the token (None until sampled)
-    row: int = 0  # row of that SampleOutput
-    routed: bool = False  # the large model writes this token
-    source: str = SMALL
-    error: Failure | None = None  # why this request fails this step (postprocess ends it instead of committing)
-
-
-@dataclass
-class Generation:
-    """A finished request, for the offline API and the CLI."""
-
-    text: str
-    token_ids: list[int]
-    provenance: list[str]
-    finish_reason: str
-    stats: dict
-    prompt_token_ids: list[int]
-    logprobs: list[float]
-    error: str | None = None  # why it failed (finish_reason "error")
-
-    @classmethod
-    def from_sequence(cls, seq: Sequence) -> "Generation":
-        return cls(text=seq.output_text, token_ids=seq.output_ids, provenance=list(seq.provenance),
-                   finish_reason=seq.finish_reason, stats=seq.stats.as_dict(),
-                   prompt_token_ids=list(seq.prompt_ids), logprobs=list(seq.logprobs), error=seq.error)

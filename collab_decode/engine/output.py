@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from collab_decode.engine.sequence import LARGE, Sequence
+from collab_decode.engine.sequence import LARGE, SMALL, Sequence
 from collab_decode.sampling import SampleOutput, check_stop
 
 
@@ -204,3 +204,35 @@ class OutputProcessor:
         # UTF-8 character is incomplete the decoded text is stale and ends no step
         pending = seq.detok_offsets[1] < seq.num_output_tokens
         return not pending and seq.decoded_text.endswith(self.step_delimiter)
+
+
+@dataclass(slots=True)  # (made once per sequence per step)
+class Proposal:
+    """A sequence's candidate next token this step, and who wrote it."""
+
+    seq: Sequence
+    sample: SampleOutput | None = None  # holds the token (None until sampled)
+    row: int = 0  # row of that SampleOutput
+    routed: bool = False  # the large model writes this token
+    source: str = SMALL
+    error: Failure | None = None  # why this request fails this step (postprocess ends it instead of committing)
+
+
+@dataclass
+class Generation:
+    """A finished request, for the offline API and the CLI."""
+
+    text: str
+    token_ids: list[int]
+    provenance: list[str]
+    finish_reason: str
+    stats: dict
+    prompt_token_ids: list[int]
+    logprobs: list[float]
+    error: str | None = None  # why it failed (finish_reason "error")
+
+    @classmethod
+    def from_sequence(cls, seq: Sequence) -> "Generation":
+        return cls(text=seq.output_text, token_ids=seq.output_ids, provenance=list(seq.provenance),
+                   finish_reason=seq.finish_reason, stats=seq.stats.as_dict(),
+                   prompt_token_ids=list(seq.prompt_ids), logprobs=list(seq.logprobs), error=seq.error)

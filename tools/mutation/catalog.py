@@ -20,6 +20,8 @@ class Mutation:
 
 
 ENGINE = "collab_decode/engine/engine.py"
+LARGE_STEP = "collab_decode/engine/large_step.py"
+ROUTE_STEP = "collab_decode/engine/route_step.py"
 OUTPUT = "collab_decode/engine/output.py"
 POLICIES = "collab_decode/routing/policies.py"
 SCHEDULER = "collab_decode/engine/scheduler.py"
@@ -56,32 +58,32 @@ MUTATIONS: list[Mutation] = [
     Mutation("random-flipped", "routing", POLICIES,
              "return torch.tensor(draws) < self.p", "return torch.tensor(draws) >= self.p",
              (REFERENCE,), "random routing at 1 - p instead of p"),
-    Mutation("step-first-token-small", "routing", ENGINE,
+    Mutation("step-first-token-small", "routing", ROUTE_STEP,
              "proposals[seq.seq_id].routed = routed", 'proposals[seq.seq_id].routed = routed and seq.mode == "token"',
              (REFERENCE,), "the first token of a large-owned step is written by the small model"),
     Mutation("step-every-token", "routing", OUTPUT,
              "if step_mode and self._ends_step(seq):", "if step_mode:",
              (REFERENCE,), "step-level routing decides at every token (steps never last)"),
     # ---- catch-up -----------------------------------------------------------------------------------
-    Mutation("large-skips-catchup", "catch-up", ENGINE,
+    Mutation("large-skips-catchup", "catch-up", LARGE_STEP,
              "        backlogs = [s.num_tokens - s.num_cached[LARGE] for s in seqs]",
              "        for s in routed:\n"
              "            if s.num_cached[LARGE]:\n"
              "                s.num_cached[LARGE] = s.num_tokens - 1\n"
              "        backlogs = [s.num_tokens - s.num_cached[LARGE] for s in seqs]",
              (REFERENCE,), "the large model skips its catch-up once it holds any cache (writes from a stale KV)"),
-    Mutation("backend-error-fails-the-batch", "catch-up", ENGINE,
+    Mutation("backend-error-fails-the-batch", "catch-up", LARGE_STEP,
              "            return [self.output.fail(s, upstream_error(e.errors[s.seq_id])) for s in seqs if s.seq_id in "
              "e.errors]",
              "            return [self.output.fail(s, upstream_error(str(e))) for s in seqs]",
              ("tests/backends/test_backend_errors.py",),
              "a large model's error for some sequences (its endpoint refused them) ends every routed request"),
-    Mutation("waiting-token-committed-from-small", "catch-up", ENGINE,
+    Mutation("waiting-token-committed-from-small", "catch-up", LARGE_STEP,
              "            proposals.pop(seq.seq_id)  # (a fresh one's proposal",
              "            (seq.seq_id)  # (a fresh one's proposal",
              (f"{ENGINE_TESTS}::test_routed_tokens_wait_to_share_a_large_call",),
              "a routed token that waits for a shared large call is committed from the small model meanwhile"),
-    Mutation("routed-token-waits-past-its-allowance", "catch-up", ENGINE,
+    Mutation("routed-token-waits-past-its-allowance", "catch-up", LARGE_STEP,
              "s.waiting_since >= cfg.large_wait_steps", "s.waiting_since > cfg.large_wait_steps",
              (f"{ENGINE_TESTS}::test_routed_tokens_wait_to_share_a_large_call",),
              "a routed token waits one step longer than --large-wait-steps allows"),
@@ -335,10 +337,10 @@ MUTATIONS: list[Mutation] = [
              "table + table[-1:] * (num_blocks - len(table))", "table + [0] * (num_blocks - len(table))",
              ("tests/models/test_parity.py::test_decode_padding_never_reads_another_sequences_blocks",),
              "short decode tables padded with another sequence's block: its NaN reaches the batch"),
-    Mutation("router-error-fails-the-step", "isolation", ENGINE,
-             '            log.exception("router %s raised on a batch of %d sequences; asking each alone", '
-             "type(router).__name__,\n                          len(rows))",
-             "            raise",
+    Mutation("router-error-fails-the-step", "isolation", ROUTE_STEP,
+             '        log.exception("router %s raised on a batch of %d sequences; asking each alone", '
+             "type(router).__name__,\n                      len(rows))",
+             "        raise",
              (ISOLATION_TESTS,), "a router that raises on one sequence fails every request of the step"),
     Mutation("commit-error-fails-the-step", "isolation", ENGINE,
              '            log.exception("committing a token of sequence %d failed: that request fails", p.seq.seq_id)',
