@@ -4,8 +4,9 @@ step() is the whole token path, in public parts:
 
     plan = scheduler.schedule()                       which sequences run, how many small-model tokens each
     proposals, view = run_small(plan)                 small forward (catch-up chunks + decodes), proposals
-    routed = route(proposals, view)                   each distinct router asked once, batched (route_step.py)
-    large.run(routed, proposals)                      the large model catches up and writes routed tokens
+    routed = route(proposals, view)                   each distinct router asked once, batched
+                                                      (engine/route_step.py)
+    large.run(routed, proposals, step)                the large model catches up and writes routed tokens
                                                       (engine/large_step.py)
                                                       (at a large batch they may wait a few steps to share
                                                       one call: hold)

@@ -20,6 +20,8 @@ from collab_decode.engine.sequence import LARGE, Sequence
 
 
 class LargeStep:
+    """The engine's large-model half of a step, over the engine's own runner, scheduler, output and config."""
+
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, output: OutputProcessor, config: EngineConfig):
         self.runner, self.scheduler, self.output, self.config = runner, scheduler, output, config
 

@@ -7,7 +7,9 @@
                                                                not stream text (seq.stream_text False)
     OutputProcessor.fail(seq, failure) -> RequestOutput        it cannot go on: end it with an error
 
-Token-level steps and speculative verification both commit through these.
+Token-level steps and speculative verification both commit through these. The step's own records live here
+too: a Proposal (a sequence's candidate token this step, and who wrote it) and a Generation (a finished
+request, for the offline API).
 """
 
 from __future__ import annotations

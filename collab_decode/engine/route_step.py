@@ -54,6 +54,7 @@ def route(proposals: dict[int, Proposal], view: SmallView | None, times: StepTim
         times.route += time.perf_counter() - t0
     return [p.seq for p in proposals.values() if p.routed and p.error is None]
 
+
 def decide(router: Router, inputs: RouterInputs, rows: list[int]) -> dict[int, bool | None]:
     """Row of `inputs` -> the router's decision, from one batched call (usually one router: every row).
     If that call raises, each row is asked alone: the rows it still raises on get None (their requests

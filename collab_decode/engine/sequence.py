@@ -79,10 +79,10 @@ class Sequence:
     generator: Any = None  # torch.Generator of a seeded request
 
     # fixed by spec and router for the sequence's life, so read per step as plain attributes (__post_init__)
-    mode: str = field(init=False)  # token | step | speculative (the spec's): how the engine decodes it
-    uses_small: bool = field(init=False)  # the small model runs on it
-    uses_large: bool = field(init=False)  # the large model may write its tokens
-    routes_all: bool = field(init=False)  # the large model writes every token
+    mode: str = field(init=False, repr=False)  # token | step | speculative (the spec's): how the engine decodes it
+    uses_small: bool = field(init=False, repr=False)  # the small model runs on it
+    uses_large: bool = field(init=False, repr=False)  # the large model may write its tokens
+    routes_all: bool = field(init=False, repr=False)  # the large model writes every token
 
     def __post_init__(self):
         if not self.token_ids:
