@@ -28,11 +28,11 @@ def _cpu(r: Run) -> str:
 
 
 def _pairs(check: dict) -> str:
-    """How a server / engine ratio was taken: its side-by-side pairs, and the ratio of the rows' medians."""
+    """How a ratio of rows was taken: its side-by-side repeats (pass by pass), and from the rows' medians."""
     if "of_medians" not in check:
         return ""
-    pairs = f"the median of the side-by-side pairs {', '.join(map(str, check['pairs']))}; " if check["pairs"] else ""
-    return f" ({pairs}ratio of the medians {check['of_medians']})"
+    pairs = f"the median of the side-by-side repeats {', '.join(map(str, check['pairs']))}; " if check["pairs"] else ""
+    return f" ({pairs}from the rows' medians {check['of_medians']})"
 
 
 def _speed_rows(runs: list[Run]) -> list[str]:
@@ -150,7 +150,7 @@ def answers_html(tokenizer, answers: list[dict]) -> str:
 def write_report(out: Path, runs: list[Run], meta: dict, answers_page: str | None = None) -> None:
     """report.json (meta, runs, checks), report.md, pareto.png and, if given, answers.html, in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    found = checks(runs)
+    found = checks(runs, routed=meta.get("best_routed_batch1"))
     doc = {"meta": meta, "runs": [asdict(r) for r in runs], "checks": found}
     (out / "report.json").write_text(json.dumps(doc, indent=1))
     (out / "report.md").write_text(markdown(runs, found, meta))

@@ -51,7 +51,11 @@ def test_bench_run_engine_and_server(tmp_path, capsys):
     assert all(len(r["tokens_per_s_paired"]) == 1 for r in report["runs"] if (r["batch_size"] or 0) != 1)
     side = {"small", "large", report["meta"]["best_routed_batch1"]}
     assert {r["policy"] for r in batch1 if r["tokens_per_s_paired"]} == side
-    assert all(len(c["pairs"]) == 1 for c in report["checks"] if "of_medians" in c)
+    assert all(len(c["pairs"]) == 1 for c in report["checks"] if c["what"].startswith("server"))
+    # speedup / bound, pass by pass: the best routed policy's stage-2 repeat and its stage-3 one, each against
+    # the small and large repeats of its own pass
+    bound_checks = [c for c in report["checks"] if c["what"].endswith("speedup / bound")]
+    assert all(len(c["pairs"]) == 2 for c in bound_checks)
     assert (out / "pareto.png").stat().st_size > 0 and "<span class='" in (out / "answers.html").read_text()
 
 
