@@ -27,6 +27,10 @@ def _cpu(r: Run) -> str:
     return " / ".join(_f(x, "{:.2f}") for x in (r.client_cpu_share, server.get("api"), server.get("engine")))
 
 
+def _bound_sign(check: dict) -> str:
+    return "<=" if check.get("at_most") else ">="
+
+
 def _pairs(check: dict) -> str:
     """How a ratio of rows was taken: its side-by-side repeats (pass by pass), and from the rows' medians."""
     if "of_medians" not in check:
@@ -73,7 +77,7 @@ def markdown(runs: list[Run], checks: list[dict], meta: dict) -> str:
              "of the repeats; latency percentiles over every request of every repeat.", ""]
     if checks:
         lines += ["## Must show", ""] + [f"- {'ok' if c['ok'] else 'SHORT'}: {c['what']} = {c['value']} "
-                                         f"(target >= {c['target']}){_pairs(c)}" for c in checks] + [""]
+                                         f"(target {_bound_sign(c)} {c['target']}){_pairs(c)}" for c in checks] + [""]
     batch1 = [r for r in runs if r.mode == "engine" and r.level == 1]
     if batch1:
         lines += ["## Engine, batch 1, every policy", ""] + _speed_rows(batch1) + [""]

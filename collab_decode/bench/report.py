@@ -171,9 +171,11 @@ def checks(runs: list[Run], server_mode: str = "rest", routed: str | None = None
     with the one the server ran); None: the fastest at batch 1 now (`bench load`, which chooses nothing)."""
     out = []
 
-    def check(what: str, value: float | None, target: float, **more) -> None:
+    def check(what: str, value: float | None, target: float, at_most: bool = False, **more) -> None:
         if value is not None:
-            out.append({"what": what, "value": round(value, 3), "target": target, "ok": value >= target, **more})
+            ok = value <= target if at_most else value >= target
+            out.append({"what": what, "value": round(value, 3), "target": target, "ok": ok,
+                        **({"at_most": True} if at_most else {}), **more})
 
     best1 = best_routed(runs, "engine", 1) if routed is None else find(runs, "engine", 1, routed)
     for level, target in ((1, 0.90), (64, 0.85)):
@@ -193,6 +195,11 @@ def checks(runs: list[Run], server_mode: str = "rest", routed: str | None = None
                   pairs=best1.of_bound_repeats, of_medians=best1.of_bound)
         else:
             check(f"batch 1, {best1.policy}: speedup / bound", best1.of_bound, 0.85)
+    for policy in ["small"] + ([best1.policy] if best1 else []):  # the engine's own time per step, at batch 1
+        run = find(runs, "engine", 1, policy)
+        if run is not None and run.breakdown is not None and "engine_of_small_step" in run.breakdown:
+            check(f"batch 1, {policy}: the engine's own time per step / the small model's step",
+                  run.breakdown["engine_of_small_step"], 0.10, at_most=True)
     for level, target in ((16, 1.5), (64, 1.3)):  # the policy chosen at batch 1 (its accuracy: the big set's)
         server = find(runs, server_mode, level, best1.policy) if best1 else None
         if server is not None:

@@ -67,3 +67,14 @@ def test_speedup_over_bound_is_taken_pass_by_pass():
     assert check["value"] == 0.844 and check["pairs"] == expected and not check["ok"]
     # the medians are pass 3's here (2000, 400, 1400); of_bound rounds speedup and bound first
     assert check["of_medians"] == routed.of_bound and abs(routed.of_bound - 1400 / 400 * (400 / 2000 + 0.025)) < 2e-3
+
+
+def test_the_engines_own_step_is_checked_against_at_most_a_tenth_of_the_small_models():
+    small, large = run("engine", "small", [2000], []), run("engine", "large", [400], [])
+    routed = run("engine", "neural:0.7", [1500], [])
+    small.large_share, large.large_share, routed.large_share = 0.0, 1.0, 0.025
+    small.breakdown, routed.breakdown = {"engine_of_small_step": 0.095}, {"engine_of_small_step": 0.2}
+    found = {c["what"]: c for c in checks([small, large, routed], routed="neural:0.7")}
+    own = "batch 1, {}: the engine's own time per step / the small model's step"
+    assert found[own.format("small")]["ok"] and found[own.format("small")]["at_most"]
+    assert not found[own.format("neural:0.7")]["ok"]
