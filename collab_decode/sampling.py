@@ -222,8 +222,6 @@ class Sampler:
             logits = logits.float()  # (B, V)
         if all(p.greedy for p in params):
             row_max, token_ids = logits.max(dim=-1)  # (B,), (B,): the max propagates NaN
-            if all(p.logprobs is None for p in params):  # the hot path: nothing else to compute
-                return SampleOutput(token_ids, None, row_max=row_max)
         else:
             row_max = logits.amax(dim=-1)
             probs = processed_probs(logits, params)  # (B, V)

@@ -190,11 +190,9 @@ def checks(runs: list[Run], server_mode: str = "rest", routed: str | None = None
         if large.accuracy:  # (random models answer nothing right: no ratio)
             check(f"batch 1, {best1.policy}: accuracy / large's", best1.accuracy / large.accuracy, ACCURACY_FLOOR)
         check(f"batch 1, {best1.policy}: speedup", best1.speedup, 3.0)
-        if best1.of_bound_repeats:  # pass by pass, as the server / engine ratios pair their repeats
-            check(f"batch 1, {best1.policy}: speedup / bound", statistics.median(best1.of_bound_repeats), 0.85,
-                  pairs=best1.of_bound_repeats, of_medians=best1.of_bound)
-        else:
-            check(f"batch 1, {best1.policy}: speedup / bound", best1.of_bound, 0.85)
+        passes = best1.of_bound_repeats  # pass by pass, as the server / engine ratios pair their repeats
+        check(f"batch 1, {best1.policy}: speedup / bound", statistics.median(passes) if passes else best1.of_bound,
+              0.85, **({"pairs": passes, "of_medians": best1.of_bound} if passes else {}))
     for policy in ["small"] + ([best1.policy] if best1 else []):  # the engine's own time per step, at batch 1
         run = find(runs, "engine", 1, policy)
         if run is not None and run.breakdown is not None and "engine_of_small_step" in run.breakdown:
