@@ -123,6 +123,10 @@ class SampleOutput:
     # (B,) float32 each row's largest logit: NaN if the row holds a NaN, +inf if it holds +inf, -inf if
     # nothing in it is finite (then its token means nothing); None = not checked
     row_max: torch.Tensor | None = None
+    # B host floats: each row's largest probability under softmax(raw logits), NaN where the row is not finite;
+    # computed with greedy tokens when asked (Sampler.sample's top1: a router's gate reads it), else None.
+    # Then row_max is None when every row's top-1 probability is above one half (so every row is finite)
+    top1_probs: list[float] | None = None
 
     # what the engine reads on the host, copied once per batch on first use
     _token_id_list: list[int] | None = field(default=None, init=False, repr=False)
@@ -212,14 +216,18 @@ class Sampler:
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
+        top1: bool = False,
     ) -> SampleOutput:
         """(B, V) logits -> SampleOutput. `generators[i]` drives row i (None: global RNG). A row whose
-        logits are not finite still gets a token (in range, meaningless) and is flagged (nonfinite_rows)."""
+        logits are not finite still gets a token (in range, meaningless) and is flagged (nonfinite_rows).
+        `top1`: a router will read each row's top-1 probability; a greedy batch gets it with its tokens."""
         if not len(params) == len(generators) == logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} rows of logits, {len(params)} params and "
                              f"{len(generators)} generators must match")
         if logits.dtype != torch.float32:  # (a call of .float() costs ~1 us even when it returns its input)
             logits = logits.float()  # (B, V)
+        if top1 and all(p.greedy for p in params):
+            return _greedy_with_top1(logits, params)
         if all(p.greedy for p in params):
             row_max, token_ids = logits.max(dim=-1)  # (B,), (B,): the max propagates NaN
         else:
@@ -251,6 +259,32 @@ class Sampler:
             noise[index] = torch.empty_like(noise[index]).exponential_()
         # exponential_ may return exactly 0 in float32: keep the division finite.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+def _greedy_with_top1(logits: torch.Tensor, params: list[SamplingParams]) -> SampleOutput:
+    """Greedy tokens and each row's top-1 probability from one softmax and one max, where a separate gate would
+    take the sampler's max, a softmax and another max (at batch 1 every op costs more than its arithmetic).
+
+    The most probable token is the first largest logit wherever its probability p1 is above `clear_top1`: the
+    largest logit's exp(0) = 1 is the largest numerator, so another token can reach p1 only at a near-tie, and
+    then the two would hold 2 * p1 > 1 of a row that sums to 1 within float32's error. If any row is not that
+    clear (a near-tie; a row that is not finite, whose p1 is NaN) the batch takes the logits' max instead, in
+    one more op, which also gives the finite check its row_max; otherwise every row is finite (row_max None)."""
+    top1, token_ids = torch.softmax(logits, dim=-1).max(dim=-1)  # (B,), (B,)
+    top1_probs = top1.tolist()  # NaN where the row is not finite
+    row_max, clear = None, clear_top1(logits.shape[-1])
+    if not all(p > clear for p in top1_probs):  # (NaN > x is False)
+        row_max, token_ids = logits.max(dim=-1)
+    out = logprobs_of(logits, token_ids, params)
+    out.row_max, out.top1_probs = row_max, top1_probs
+    return out
+
+
+def clear_top1(vocab_size: int) -> float:
+    """The top-1 probability above which a softmax row's most probable token is its first largest logit: one
+    half, plus a bound on the float32 rounding of the row's sum and of exp (a few units in the last place per
+    term; 2**-23 each, generously)."""
+    return 0.5 + (vocab_size + 16) * 2.0 ** -23
 
 
 def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from collab_decode.sampling import (
     Sampler,
     SamplingParams,
     check_stop,
+    clear_top1,
     make_generator,
     processed_probs,
 )
@@ -89,6 +90,65 @@ def test_rows_with_nan_or_inf_logits_are_flagged_and_the_others_unchanged():
     assert out.token_id_list[4] >= 5 and torch.isfinite(out.logprobs[4])  # never a banned token
     greedy = sample(logits, [SamplingParams(temperature=0.0)] * 6)
     assert greedy.nonfinite_rows == [1, 2, 3]
+
+
+# --- greedy tokens with the top-1 probability (a router's gate) ---------------------------------------
+
+def near_tie_logits() -> torch.Tensor:
+    """Rows the softmax cannot tell apart at the top, and rows it can."""
+    logits = torch.full((6, VOCAB), float("-inf"))
+    logits[0, 2], logits[0, 5] = 1e-9, 2e-9  # exp rounds both to 1: equal probabilities, 5 the larger logit
+    logits[1, 3] = logits[1, 7] = 0.25  # an exact tie: the first index, as max takes it
+    logits[2, :] = torch.linspace(-3, 3, VOCAB)  # a clear winner (the last)
+    logits[3, 4], logits[3, 9] = 0.0, -1e-8  # 4 larger by less than exp's rounding near 1
+    logits[4, :] = 0.0  # all equal: 1 / VOCAB each
+    logits[5, 1] = 8.0  # one finite logit: probability 1
+    logits[5, 6] = 7.999999
+    return logits
+
+
+def test_greedy_with_top1_takes_the_logits_argmax_even_at_near_ties():
+    """The fused path picks tokens from the softmax's max; where that could differ from the logits' argmax (two
+    probabilities equal to float32 precision), it must fall back to the logits. Every row: the max's token."""
+    logits = torch.cat([near_tie_logits(), random_logits(50, seed=3), random_logits(50, seed=4) * 10])
+    greedy = [SamplingParams(temperature=0)] * len(logits)
+    fused = Sampler().sample(logits, greedy, [None] * len(logits), top1=True)
+    assert fused.token_id_list == logits.max(-1).indices.tolist()
+    assert fused.token_id_list[:2] == [5, 3]  # (the softmax alone would say 2 for row 0)
+    assert torch.softmax(logits[0], -1)[2] == torch.softmax(logits[0], -1)[5]  # the case is real
+    assert fused.top1_probs == torch.softmax(logits, -1).amax(-1).tolist()  # what the gate computed itself
+    assert not fused.nonfinite_rows
+
+
+def test_greedy_with_top1_trusts_the_softmax_only_above_one_half():
+    assert clear_top1(12) == pytest.approx(0.5, abs=1e-5) and clear_top1(12) > 0.5
+    assert 0.5 < clear_top1(152_000) < 0.52  # a large vocabulary's sum carries more rounding
+    logits = random_logits(200, seed=5) * 2
+    top1 = torch.softmax(logits, -1).amax(-1)
+    assert (top1 > clear_top1(VOCAB)).any() and (top1 <= clear_top1(VOCAB)).any()  # both kinds of row
+    fused = Sampler().sample(logits, [SamplingParams(temperature=0)] * 200, [None] * 200, top1=True)
+    assert fused.token_id_list == logits.argmax(-1).tolist()
+
+
+def test_greedy_with_top1_flags_the_same_nonfinite_rows():
+    logits = random_logits(6)
+    logits[1, 3] = float("nan")
+    logits[2, 0] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, :5] = float("-inf")  # banned tokens are fine
+    greedy = [SamplingParams(temperature=0)] * 6
+    fused = Sampler().sample(logits, greedy, [None] * 6, top1=True)
+    assert fused.nonfinite_rows == sample(logits, greedy).nonfinite_rows == [1, 2, 3]
+    assert [math.isfinite(p) for p in fused.top1_probs] == [True, False, False, False, True, True]
+    assert [fused.token_id_list[r] for r in (0, 4, 5)] == logits[[0, 4, 5]].argmax(-1).tolist()
+
+
+def test_top1_is_computed_only_for_greedy_batches_that_ask():
+    logits = random_logits(4)
+    assert sample(logits, [SamplingParams(temperature=0)] * 4).top1_probs is None
+    mixed = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=1)] * 2
+    out = Sampler().sample(logits, mixed, [None, make_generator(1)] * 2, top1=True)
+    assert out.top1_probs is None and out.token_id_list[::2] == logits[::2].argmax(-1).tolist()
 
 
 def test_top_k_1_equals_greedy():

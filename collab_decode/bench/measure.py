@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from collab_decode.bench.workload import Workload
 
@@ -93,26 +94,27 @@ def drive_engine(engine, workload: Workload, policy: str, batch_size: int, num_r
     in_flight: dict[int, int] = {}  # seq_id -> request index
     next_index = 0
     start = time.perf_counter()
-    while next_index < num_requests or in_flight:
-        while next_index < num_requests and len(in_flight) < batch_size:
-            seq_id = engine.add_request(workload.request(next_index), sampling, policy, stream_text=False)
-            in_flight[seq_id] = next_index
-            sent[next_index] = time.perf_counter()
-            next_index += 1
-        outputs = engine.step()
-        now = time.perf_counter()
-        _add_step(steps, engine.last_step)
-        for out in outputs:
-            i = in_flight.get(out.seq_id)
-            if i is None:
-                continue
-            if out.new_token_ids and i not in first:
-                first[i] = now
-            if out.finished:
-                del in_flight[out.seq_id]
-                results.append(_result(i, out.seq, sent[i], first.get(i, now), now))
-                if progress:
-                    progress(len(results))
+    with torch.inference_mode():  # entered once around the loop, as the server's engine process and generate do
+        while next_index < num_requests or in_flight:
+            while next_index < num_requests and len(in_flight) < batch_size:
+                seq_id = engine.add_request(workload.request(next_index), sampling, policy, stream_text=False)
+                in_flight[seq_id] = next_index
+                sent[next_index] = time.perf_counter()
+                next_index += 1
+            outputs = engine.step()
+            now = time.perf_counter()
+            _add_step(steps, engine.last_step)
+            for out in outputs:
+                i = in_flight.get(out.seq_id)
+                if i is None:
+                    continue
+                if out.new_token_ids and i not in first:
+                    first[i] = now
+                if out.finished:
+                    del in_flight[out.seq_id]
+                    results.append(_result(i, out.seq, sent[i], first.get(i, now), now))
+                    if progress:
+                        progress(len(results))
     return Measurement(time.perf_counter() - start, sorted(results, key=lambda r: r.index), steps)
 
 

@@ -232,15 +232,16 @@ class Engine:
             idx = torch.tensor(rows)
             sampled, logits, hidden = [seqs[i] for i in rows], out.logits[idx], out.hidden[idx]
         logits = self.runner.vocab_logits(logits)
-        sample = self.runner.sample(logits, sampled)
+        routing = any(s.uses_large for s in sampled)  # some router asks (none under `small`)
+        sample = self.runner.sample(logits, sampled, routing and any(s.reads_top1 for s in sampled))
         nonfinite = set(sample.nonfinite_rows)
         for j, seq in enumerate(sampled):
             proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j,
                                              error=nonfinite_error(SMALL) if j in nonfinite else None)
-        if not any(s.uses_large for s in sampled):  # no router asks (`small`): route() needs no view
+        if not routing:  # route() needs no view
             return proposals, None
         inputs = RouterInputs([s.router_state for s in sampled], logits, hidden, sample.token_ids,
-                              self.backends[SMALL].embed, sample.row_max, sampled)
+                              self.backends[SMALL].embed, sample.row_max, sampled, sample.top1_probs)
         return proposals, SmallView(sampled, inputs)
 
     def postprocess(self, proposals: dict[int, Proposal]) -> list[RequestOutput]:

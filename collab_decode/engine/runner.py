@@ -87,7 +87,8 @@ class ModelRunner:
         """(B, V') -> (B, V): the columns of ids the tokenizer knows (a model's padding rows cut off)."""
         return logits if logits.shape[-1] == self.vocab_size else logits[:, :self.vocab_size]
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
-        """(B, V) logits, row i for seqs[i] -> one token per row under each request's sampling."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], top1: bool = False) -> SampleOutput:
+        """(B, V) logits, row i for seqs[i] -> one token per row under each request's sampling (and, with
+        `top1`, each row's top-1 probability for the routers when the batch is greedy)."""
         return self.sampler.sample(self.vocab_logits(logits), [s.sampling for s in seqs],
-                                   [s.generator for s in seqs])
+                                   [s.generator for s in seqs], top1)

@@ -83,6 +83,7 @@ class Sequence:
     uses_small: bool = field(init=False, repr=False)  # the small model runs on it
     uses_large: bool = field(init=False, repr=False)  # the large model may write its tokens
     routes_all: bool = field(init=False, repr=False)  # the large model writes every token
+    reads_top1: bool = field(init=False, repr=False)  # its router reads the top-1 probability (Router.reads_top1)
 
     def __post_init__(self):
         if not self.token_ids:
@@ -91,6 +92,7 @@ class Sequence:
         self.routes_all = self.router is not None and self.router.routes_all
         self.uses_small = not self.routes_all
         self.uses_large = self.router is None or self.router.uses_large
+        self.reads_top1 = self.router is not None and self.router.reads_top1
 
     @property
     def num_tokens(self) -> int:

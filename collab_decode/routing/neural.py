@@ -161,6 +161,7 @@ class NeuralRoute(Router):
         # Positions where the small model's top-1 probability reaches the gate are never routed and skip the
         # MLP (the trainer sets the gate above every divergent training position; None: no gate)
         self.gate = router.config.get("gate")
+        self.reads_top1 = self.gate is not None
 
     @classmethod
     def from_spec(cls, spec, context: RouterContext) -> "NeuralRoute":
@@ -184,6 +185,8 @@ class NeuralRoute(Router):
         One host copy of B floats (the MLP does not run when no row is uncertain: most steps at batch 1)."""
         if self.gate is None:
             return list(range(len(inputs.states)))
+        if inputs.top1 is not None:  # the sampler's (a greedy batch)
+            return [i for i, p in enumerate(inputs.top1) if p < self.gate]
         if inputs.row_max is None or len(inputs.states) < EXP_SUM_FROM_ROWS:
             return [i for i, p in enumerate(top1_prob(inputs.logits).tolist()) if p < self.gate]
         # 1 / top-1 probability = sum(exp(logits - max logit)), from the max the sampler took

@@ -29,13 +29,16 @@ class RouterInputs:
     row_max: torch.Tensor | None = None  # (B,) each row's largest logit (the sampler's), None: not known
     # each row's sequence, read-only: its prompt_ids and token_ids so far (a router that looks the prompt up)
     contexts: list[Any] | None = None
+    # each row's top-1 probability, top1_prob(logits) on the host, when the sampler computed it (Router.reads_top1)
+    top1: list[float] | None = None
 
     def select(self, rows: list[int]) -> "RouterInputs":
         """These rows only, in this order."""
         idx = torch.tensor(rows)
         return RouterInputs([self.states[i] for i in rows], self.logits[idx], self.hidden[idx], self.proposed[idx],
                             self.embed, None if self.row_max is None else self.row_max[idx],
-                            None if self.contexts is None else [self.contexts[i] for i in rows])
+                            None if self.contexts is None else [self.contexts[i] for i in rows],
+                            None if self.top1 is None else [self.top1[i] for i in rows])
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class RouterContext:
 class Router:
     uses_large = True  # needs a large model
     routes_all = False  # the large model writes every token and the small model never runs
+    # decide reads inputs.top1 where present: a greedy batch's sampler then computes it with the tokens
+    reads_top1 = False
 
     @classmethod
     def from_spec(cls, spec, context: RouterContext) -> "Router":
@@ -124,8 +129,11 @@ class EntropyRoute(Router):
 class ConfidenceRoute(Router):
     """Route when the small model's top-1 probability is below t."""
 
+    reads_top1 = True
+
     def __init__(self, t: float):
         self.t = t
 
     def decide(self, inputs: RouterInputs) -> list[bool]:
-        return [p < self.t for p in top1_prob(inputs.logits).tolist()]
+        top1 = inputs.top1 if inputs.top1 is not None else top1_prob(inputs.logits).tolist()
+        return [p < self.t for p in top1]

@@ -134,14 +134,18 @@ def _router_inputs(rows: int, vocab: int = 20, seed: int = 1):
 
 @pytest.mark.parametrize("rows", [1, 12, 40])  # 40: the gate's exp-sum form (from 16 rows)
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.97, 1.0])
-def test_neural_decisions_are_its_scores_against_the_threshold(trained, rows, threshold):
-    """decide() compares MLP logits with logit(threshold) on the host and gates with the sampler's max; it
-    must route exactly where sigmoid(MLP) > threshold on the rows the gate lets through (scores())."""
+@pytest.mark.parametrize("sampler_top1", [False, True])  # the gate reads the sampler's top-1 probabilities
+def test_neural_decisions_are_its_scores_against_the_threshold(trained, rows, threshold, sampler_top1):
+    """decide() compares MLP logits with logit(threshold) on the host and gates with the sampler's max (or its
+    top-1 probabilities, from a greedy batch); it must route exactly where sigmoid(MLP) > threshold on the rows
+    the gate lets through (scores())."""
     from collab_decode.routing.neural import LoadedRouter, NeuralRoute
     from collab_decode.routing.policies import top1_prob
 
     _, model, _ = trained
     inputs = _router_inputs(rows)
+    if sampler_top1:
+        inputs.top1 = top1_prob(inputs.logits).tolist()
     router = NeuralRoute(LoadedRouter(model, {"threshold": threshold, "gate": 0.9}))
     sure = (top1_prob(inputs.logits) >= 0.9).tolist()
     assert router.uncertain_rows(inputs) == [i for i, s in enumerate(sure) if not s]
