@@ -226,9 +226,10 @@ class Sampler:
                              f"{len(generators)} generators must match")
         if logits.dtype != torch.float32:  # (a call of .float() costs ~1 us even when it returns its input)
             logits = logits.float()  # (B, V)
-        if top1 and all(p.greedy for p in params):
+        greedy = all(p.greedy for p in params)
+        if greedy and top1:
             return _greedy_with_top1(logits, params)
-        if all(p.greedy for p in params):
+        if greedy:
             row_max, token_ids = logits.max(dim=-1)  # (B,), (B,): the max propagates NaN
         else:
             row_max = logits.amax(dim=-1)

@@ -19,7 +19,7 @@ from torch import nn
 
 from collab_decode.routing.features import (LOOKUP_MAX_N, PromptIndex, feature_size, lookup_features, router_features,
                                            top_tokens)
-from collab_decode.routing.policies import Router, RouterContext, RouterInputs, top1_prob
+from collab_decode.routing.policies import Router, RouterContext, RouterInputs
 
 
 class RouterMLP(nn.Module):
@@ -185,10 +185,8 @@ class NeuralRoute(Router):
         One host copy of B floats (the MLP does not run when no row is uncertain: most steps at batch 1)."""
         if self.gate is None:
             return list(range(len(inputs.states)))
-        if inputs.top1 is not None:  # the sampler's (a greedy batch)
-            return [i for i, p in enumerate(inputs.top1) if p < self.gate]
-        if inputs.row_max is None or len(inputs.states) < EXP_SUM_FROM_ROWS:
-            return [i for i, p in enumerate(top1_prob(inputs.logits).tolist()) if p < self.gate]
+        if inputs.top1 is not None or inputs.row_max is None or len(inputs.states) < EXP_SUM_FROM_ROWS:
+            return [i for i, p in enumerate(inputs.top1_probs()) if p < self.gate]  # (the sampler's, if it has them)
         # 1 / top-1 probability = sum(exp(logits - max logit)), from the max the sampler took
         mass = (inputs.logits - inputs.row_max[:, None]).exp_().sum(-1).tolist()
         return [i for i, m in enumerate(mass) if m * self.gate > 1.0]

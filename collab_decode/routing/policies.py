@@ -40,6 +40,10 @@ class RouterInputs:
                             None if self.contexts is None else [self.contexts[i] for i in rows],
                             None if self.top1 is None else [self.top1[i] for i in rows])
 
+    def top1_probs(self) -> list[float]:
+        """Each row's top-1 probability on the host: the sampler's where it computed it, else computed now."""
+        return self.top1 if self.top1 is not None else top1_prob(self.logits).tolist()
+
 
 @dataclass(frozen=True)
 class RouterContext:
@@ -135,5 +139,4 @@ class ConfidenceRoute(Router):
         self.t = t
 
     def decide(self, inputs: RouterInputs) -> list[bool]:
-        top1 = inputs.top1 if inputs.top1 is not None else top1_prob(inputs.logits).tolist()
-        return [p < self.t for p in top1]
+        return [p < self.t for p in inputs.top1_probs()]
