@@ -23,8 +23,8 @@ from collab_decode.backends.base import ModelInput, SeqChunk
 from collab_decode.labels.progress import Progress
 from collab_decode.labels.traces import Trace
 from collab_decode.routing import entropy
-from collab_decode.routing.features import LOOKUP_MAX_N, LOOKUP_SIZE, PromptIndex, lookup_features, router_features, \
-    top_tokens
+from collab_decode.routing.features import (LOOKUP_MAX_N, LOOKUP_SIZE, LOOKUP_TOP, PromptIndex, lookup_features,
+                                           router_features, top_tokens)
 
 SMALL = "small"
 INT_COLUMNS = ("query_index", "position", "token_id", "small_top1")
@@ -133,8 +133,9 @@ def _forward(engine, chunks: list[tuple[_Job, int]], top_k: int) -> None:
     if not owners:
         return
     logits = torch.cat(logits)
-    rows = {name: t.cpu() for name, t in _rows(torch.cat(hidden), logits, small.embed, top_k).items()}  # (stored)
-    top_ids, top_probs = top_tokens(logits)
+    top = torch.topk(logits.float(), max(top_k, LOOKUP_TOP), dim=-1)  # the features' and the lookup's, as online
+    rows = {name: t.cpu() for name, t in _rows(torch.cat(hidden), logits, small.embed, top_k, top.values).items()}
+    top_ids, top_probs = top_tokens(top.values, top.indices, rows["top1_prob"].tolist())
     start = 0
     for job, first_position, count in owners:
         positions = torch.arange(first_position, first_position + count, dtype=torch.int32)
@@ -151,10 +152,12 @@ def _forward(engine, chunks: list[tuple[_Job, int]], top_k: int) -> None:
         start += count
 
 
-def _rows(hidden: torch.Tensor, logits: torch.Tensor, embed, top_k: int) -> dict[str, torch.Tensor]:
-    """(T, H) hidden and (T, V) logits -> features and signals per position, as the online router computes."""
+def _rows(hidden: torch.Tensor, logits: torch.Tensor, embed, top_k: int, top_values: torch.Tensor
+          ) -> dict[str, torch.Tensor]:
+    """(T, H) hidden and (T, V) logits (and their largest, sorted) -> features and signals per position, as the
+    online router computes."""
     top1 = logits.argmax(-1)  # (T,) the greedy proposal (the sampler's argmax)
-    features = router_features(hidden, embed(top1), logits, top_k)
+    features = router_features(hidden, embed(top1), logits, top_k, top_values=top_values)
     probs = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values  # (T, 2)
     return {"features": features, "small_top1": top1.to(torch.int32), "entropy": entropy(logits),
             "top1_prob": probs[:, 0], "top2_margin": probs[:, 0] - probs[:, 1]}

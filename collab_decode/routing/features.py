@@ -9,16 +9,23 @@ choice?). The online router and the offline label pipeline both call `router_fea
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def router_features(hidden: torch.Tensor, token_embedding: torch.Tensor, logits: torch.Tensor,
-                    top_k: int, lookup: torch.Tensor | None = None) -> torch.Tensor:
+                    top_k: int, lookup: torch.Tensor | None = None, top_values: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """(B, H) hidden, (B, H) proposed-token embedding, (B, V) logits [, (B, LOOKUP_SIZE) lookup_features]
-    -> (B, 2H + top_k [+ LOOKUP_SIZE]) float32."""
-    top = torch.topk(logits.float(), top_k, dim=-1).values  # (B, k), sorted descending
-    parts = [hidden.float(), token_embedding.float(), top] + ([] if lookup is None else [lookup.float()])
-    return torch.cat(parts, dim=-1)
+    -> (B, 2H + top_k [+ LOOKUP_SIZE]) float32. `top_values`: the rows' largest logits sorted descending, at least
+    top_k of them, where the caller took them already (for the prompt lookup's top tokens: one topk for both)."""
+    if top_values is None:
+        top_values = torch.topk(logits, top_k, dim=-1).values  # (B, k), sorted descending
+    elif top_values.shape[-1] != top_k:
+        top_values = top_values[:, :top_k]
+    parts = [hidden, token_embedding, top_values] + ([] if lookup is None else [lookup])
+    return torch.cat([p if p.dtype == torch.float32 else p.float() for p in parts], dim=-1)
 
 
 def feature_size(hidden_size: int, top_k: int, prompt_lookup: bool = False) -> int:
@@ -64,7 +71,10 @@ def lookup_features(index: PromptIndex, context: list[int], top_ids: list[int], 
             mass, float(len(following) == 1)]
 
 
-def top_tokens(logits: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
-    """(B, V) logits -> each row's LOOKUP_TOP most likely token ids and their probabilities, on the host."""
-    probs, ids = torch.softmax(logits.float(), dim=-1).topk(LOOKUP_TOP, dim=-1)
-    return ids.tolist(), probs.tolist()
+def top_tokens(top_logits: torch.Tensor, top_ids: torch.Tensor, top1_probs: list[float]
+               ) -> tuple[list[list[int]], list[list[float]]]:
+    """Each row's LOOKUP_TOP most likely token ids and their probabilities, on the host, from its largest logits
+    (sorted descending, at least LOOKUP_TOP of them: a topk's values and indices) and its top-1 probability:
+    p_i = p_1 exp(l_i - l_1), the softmax's, without another pass over the vocabulary."""
+    ids, values = top_ids[:, :LOOKUP_TOP].tolist(), top_logits[:, :LOOKUP_TOP].tolist()
+    return ids, [[p1 * math.exp(v - row[0]) for v in row] for p1, row in zip(top1_probs, values)]

@@ -23,8 +23,8 @@ def online_features(engine, prompt, routing, monkeypatch, max_tokens=24):
     seen = []
     real = neural.router_features
 
-    def spy(hidden, embedding, logits, top_k, lookup=None):
-        features = real(hidden, embedding, logits, top_k, lookup)
+    def spy(*args, **kwargs):
+        features = real(*args, **kwargs)
         seen.append(features.clone())
         return features
 

@@ -4,6 +4,7 @@ refusals of mismatched and corrupted checkpoints, share budgets answered from th
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -120,6 +121,22 @@ def test_the_functional_and_frozen_forwards_equal_the_layers(trained):
         torch.testing.assert_close(frozen(x), model.net(x).squeeze(-1), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_the_frozen_forward_folds_each_gelus_scales_into_its_neighbours(num_layers):
+    """The serving copy moves GELU's 1 / sqrt(2) into the Linears on either side: right at any depth, for
+    pre-activations of either sign and far out in GELU's tails."""
+    from collab_decode.routing.neural import FrozenRouterMLP, RouterMLP
+
+    torch.manual_seed(num_layers)
+    model = RouterMLP(HIDDEN, TOP_K, width=24, num_layers=num_layers).eval().requires_grad_(False)
+    x = torch.randn(5, 2 * HIDDEN + TOP_K) * 4
+    with torch.no_grad():
+        for layer in model.net:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.mul_(3)  # pre-activations of +-10 and more: GELU's tails, where its two halves differ
+        torch.testing.assert_close(FrozenRouterMLP(model)(x), model.net(x).squeeze(-1), rtol=1e-5, atol=1e-5)
+
+
 def _router_inputs(rows: int, vocab: int = 20, seed: int = 1):
     """Random router inputs of `rows` rows; every third row's small model is sure of token 0."""
     from collab_decode.routing.policies import RouterInputs
@@ -194,6 +211,22 @@ def test_prompt_lookup_features_by_hand():
     # (2, 3) -> 9 only: unique, and neither proposal is it
     assert lookup_features(index, [2, 3], *top) == pytest.approx([2 / 8, 1.0, 0.0, 0.0, 0.0, 1.0])
     assert lookup_features(index, [5, 6], *top) == [0.0] * LOOKUP_SIZE  # 6 is not in the prompt
+
+
+def test_the_lookups_top_tokens_are_the_softmaxs_from_one_topk():
+    """The lookup's top tokens and probabilities come from the features' topk and the top-1 probability (no second
+    softmax): the softmax's own, for rows sure and unsure, with -inf (banned) entries among the logits."""
+    from collab_decode.routing.features import LOOKUP_TOP, top_tokens
+    from collab_decode.routing.policies import top1_prob
+
+    torch.manual_seed(3)
+    logits = torch.randn(6, 50) * torch.tensor([0.5, 1, 2, 4, 8, 16])[:, None]
+    logits[0, 7] = -math.inf
+    top = torch.topk(logits, 12, dim=-1)
+    ids, probs = top_tokens(top.values, top.indices, top1_prob(logits).tolist())
+    expected_probs, expected_ids = torch.softmax(logits, dim=-1).topk(LOOKUP_TOP, dim=-1)
+    assert ids == expected_ids.tolist()
+    torch.testing.assert_close(torch.tensor(probs), expected_probs, rtol=1e-6, atol=1e-7)
 
 
 def test_training_learns_a_lookup_rule_and_the_checkpoint_keeps_it(tmp_path):

@@ -318,6 +318,14 @@ MUTATIONS: list[Mutation] = [
              "for n in range(min(LOOKUP_MAX_N, len(context)), 0, -1):",
              "for n in range(1, min(LOOKUP_MAX_N, len(context)) + 1):",
              ("tests/trainer/test_train.py",), "the prompt lookup takes the shortest suffix the prompt holds"),
+    Mutation("frozen-gelu-scale-missed", "routing", "collab_decode/routing/neural.py",
+             "scale_in = SQRT_HALF if i > 0 else 1.0", "scale_in = 1.0",
+             ("tests/trainer/test_train.py",), "the serving MLP folds GELU's 1 / sqrt(2) into the Linear before it "
+                                               "but not into the one after: every routing score is off"),
+    Mutation("lookup-probs-relative-to-top1", "routing", "collab_decode/routing/features.py",
+             "[[p1 * math.exp(v - row[0]) for v in row]", "[[math.exp(v - row[0]) for v in row]",
+             ("tests/trainer/test_train.py",), "the lookup's probabilities are taken relative to the top-1's (the "
+                                               "pipeline and the router would agree on the wrong value)"),
     # ---- sampling filters ----------------------------------------------------------------------------
     Mutation("temperature-ignored", "sampling", SAMPLING,
              "scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]",
