@@ -238,7 +238,7 @@ class Engine:
         for j, seq in enumerate(sampled):
             proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j,
                                              error=nonfinite_error(SMALL) if j in nonfinite else None)
-        if not routing:  # route() needs no view
+        if not routing or _all_sure(sampled, sample.top1_probs):  # route() needs no view: no router is asked
             return proposals, None
         inputs = RouterInputs([s.router_state for s in sampled], logits, hidden, sample.token_ids,
                               self.backends[SMALL].embed, sample.row_max, sampled, sample.top1_probs)
@@ -304,3 +304,7 @@ class Engine:
         return [results[i] for i in ids]
 
 
+def _all_sure(seqs: list[Sequence], top1_probs: list[float] | None) -> bool:
+    """Every row's top-1 probability (the sampler's) reaches its sequence's gate, where its router routes nothing:
+    the step needs no routing call (at batch 1, most steps of a gated router; NaN reaches nothing)."""
+    return top1_probs is not None and all(s.gate is not None and p >= s.gate for s, p in zip(seqs, top1_probs))

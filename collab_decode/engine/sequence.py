@@ -84,6 +84,9 @@ class Sequence:
     uses_large: bool = field(init=False, repr=False)  # the large model may write its tokens
     routes_all: bool = field(init=False, repr=False)  # the large model writes every token
     reads_top1: bool = field(init=False, repr=False)  # its router reads the top-1 probability (Router.reads_top1)
+    # token mode: the top-1 probability from which its router routes nothing (Router.gate; None: none, or a mode
+    # whose router answers for a whole step)
+    gate: float | None = field(init=False, repr=False)
 
     def __post_init__(self):
         if not self.token_ids:
@@ -93,6 +96,7 @@ class Sequence:
         self.uses_small = not self.routes_all
         self.uses_large = self.router is None or self.router.uses_large
         self.reads_top1 = self.router is not None and self.router.reads_top1
+        self.gate = self.router.gate if self.router is not None and self.mode == "token" else None
 
     @property
     def num_tokens(self) -> int:

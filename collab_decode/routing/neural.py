@@ -173,7 +173,7 @@ class NeuralRoute(Router):
         self.threshold = router.config.get("threshold", 0.5) if threshold is None else threshold
         self._logit_threshold = _logit(self.threshold)
         # Positions where the small model's top-1 probability reaches the gate are never routed and skip the
-        # MLP (the trainer sets the gate above every divergent training position; None: no gate)
+        # MLP (the trainer sets the gate above every divergent training position; None: no gate): Router.gate
         self.gate = router.config.get("gate")
         self.reads_top1 = self.gate is not None
 

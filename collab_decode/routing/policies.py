@@ -58,6 +58,9 @@ class Router:
     routes_all = False  # the large model writes every token and the small model never runs
     # decide reads inputs.top1 where present: a greedy batch's sampler then computes it with the tokens
     reads_top1 = False
+    # a top-1 probability from which this router routes no position (a router that reads_top1): where every
+    # row of a token step reaches it, the engine takes the small model's tokens without asking (None: no such)
+    gate: float | None = None
 
     @classmethod
     def from_spec(cls, spec, context: RouterContext) -> "Router":
@@ -136,7 +139,7 @@ class ConfidenceRoute(Router):
     reads_top1 = True
 
     def __init__(self, t: float):
-        self.t = t
+        self.t = self.gate = t  # p >= t is never routed
 
     def decide(self, inputs: RouterInputs) -> list[bool]:
         return [p < self.t for p in inputs.top1_probs()]

@@ -200,3 +200,39 @@ def test_routing_sits_below_the_engine():
             "print(sorted(m for m in sys.modules if m.startswith('collab_decode.engine')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("num_prompts", [1, 4])
+def test_a_gated_router_is_not_asked_where_every_row_reaches_its_gate(pair, monkeypatch, num_prompts):
+    """confidence:t routes no position whose top-1 probability reaches t (its gate): a token step where every row
+    does is not routed and the router is not asked. Tokens and writers equal those of the same router asked at
+    every step (its gate taken away), alone and batched."""
+    from collab_decode.routing.policies import ConfidenceRoute
+
+    calls: list[list[float]] = []
+    real = ConfidenceRoute.decide
+
+    def counting_decide(self, inputs):
+        calls.append(inputs.top1_probs())
+        return real(self, inputs)
+
+    monkeypatch.setattr(ConfidenceRoute, "decide", counting_decide)
+    prompts = [[5 + i, 17, 42, 9] for i in range(num_prompts)]
+    make_engine(*pair).generate(prompts[:1], GREEDY, "confidence:1.0")  # asked at every step: this pair's top-1s
+    t = round(float(torch.tensor([p for top1 in calls for p in top1]).median()), 6)
+    policy = f"confidence:{t}"
+    runs = {}
+    for gated in (True, False):
+        engine = make_engine(*pair)
+        calls.clear()
+        if not gated:
+            engine.router_for(parse_routing(policy)).gate = None
+        results = engine.generate(prompts, GREEDY, policy)
+        runs[gated] = ([(r.token_ids, r.provenance) for r in results], list(calls))
+    (outputs, gated_calls), (ungated_outputs, ungated_calls) = runs[True], runs[False]
+    assert outputs == ungated_outputs
+    writers = {source for _, provenance in outputs for source in provenance}
+    assert writers == {"small", "large"}, writers  # the threshold splits this pair's positions
+    assert all(any(p < t for p in top1) for top1 in gated_calls)  # asked only where some row may be routed
+    assert any(all(p >= t for p in top1) for top1 in ungated_calls)  # the steps the gate spared
+    assert len(ungated_calls) > len(gated_calls) > 0

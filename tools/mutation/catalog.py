@@ -326,6 +326,10 @@ MUTATIONS: list[Mutation] = [
              "[[p1 * math.exp(v - row[0]) for v in row]", "[[math.exp(v - row[0]) for v in row]",
              ("tests/trainer/test_train.py",), "the lookup's probabilities are taken relative to the top-1's (the "
                                                "pipeline and the router would agree on the wrong value)"),
+    Mutation("gate-spares-every-step", "routing", ENGINE,
+             "p >= s.gate for s, p in zip(seqs, top1_probs)", "p >= 0.0 for s, p in zip(seqs, top1_probs)",
+             ("tests/engine/test_routing.py",), "the engine skips a gated router on every step, not only where "
+                                                "every row reaches its gate: nothing is ever routed"),
     # ---- sampling filters ----------------------------------------------------------------------------
     Mutation("temperature-ignored", "sampling", SAMPLING,
              "scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]",
