@@ -15,8 +15,10 @@ and the small model alone in a minimal decode loop (a forward, the max over its 
 append and the end checks: no scheduler, no router, no output records) on the same prompts: the floor of the
 work outside the forward.
 
-Prints per pass: tokens/s, speedup / bound of the routed run and of the replay, and each engine run's own time
-per small-model forward (outside the forwards) over the small model's forward; then the medians.
+Prints per pass: tokens/s, speedup / bound of the routed run and of the replay, each engine run's own time per
+small-model forward (outside the forwards) over the small model's forward, and the routed run's own time a step
+by kind of step (a large-model call in it; a router asked; neither) with each kind's share of the steps; then
+the medians.
 """
 
 from __future__ import annotations
@@ -47,10 +49,16 @@ class Replay(Router):
         return [seq.num_output_tokens in positions for positions, seq in zip(inputs.states, inputs.contexts)]
 
 
+# kinds of engine step, for where the routed policy's own time goes: a large-model call in it; else a router asked
+# (the gate let a row through to it); else neither (a gated router not asked, or `small`)
+KINDS = ("other", "router asked", "large call")
+
+
 def engine_run(engine, workload, policy: str, replay: list[set[int]] | None = None) -> dict:
     """Requests one at a time; tokens/s, output ids, and the engine's own time per small forward."""
     sampling, replayer = workload.sampling(), Replay()
     own = small_s = 0.0
+    kinds = {kind: [0.0, 0] for kind in KINDS}  # kind of step -> [own seconds, steps]
     forwards = engine.runner.num_forwards[SMALL]
     outputs: list[list[int]] = []
     start = time.perf_counter()
@@ -59,7 +67,7 @@ def engine_run(engine, workload, policy: str, replay: list[set[int]] | None = No
             seq_id = engine.add_request(workload.request(i), sampling, policy, stream_text=False)
             if replay is not None:  # same spec (so the same large-model pools and modes), decisions replayed
                 seq = engine.seqs[seq_id]
-                seq.router, seq.router_state, seq.reads_top1 = replayer, replay[i], False
+                seq.router, seq.router_state, seq.reads_top1, seq.gate = replayer, replay[i], False, None
             while engine.has_unfinished():
                 for out in engine.step():
                     if out.finished:
@@ -67,10 +75,15 @@ def engine_run(engine, workload, policy: str, replay: list[set[int]] | None = No
                 t = engine.last_step
                 own += t.total - t.small_forward - t.large_forward
                 small_s += t.small_forward
+                kind = kinds["large call"] if t.large_forward else kinds["router asked"] if t.route else kinds["other"]
+                kind[0] += t.total - t.small_forward - t.large_forward
+                kind[1] += 1
     seconds = time.perf_counter() - start
     forwards = engine.runner.num_forwards[SMALL] - forwards
+    steps = sum(n for _, n in kinds.values())
     return {"tokens_per_s": sum(map(len, outputs)) / seconds, "outputs": outputs,
-            "own_of_small": own / small_s if small_s else None, "own_us": 1e6 * own / max(1, forwards)}
+            "own_of_small": own / small_s if small_s else None, "own_us": 1e6 * own / max(1, forwards),
+            "by_kind": {kind: (1e6 * s / max(1, n), n / max(1, steps)) for kind, (s, n) in kinds.items()}}
 
 
 def floor_run(engine, workload) -> dict:
@@ -142,6 +155,8 @@ def main() -> None:
                   "floor own / small fwd": floor["own_of_small"],
                   "small own us": runs["small"]["own_us"], f"{args.policy} own us": runs[args.policy]["own_us"],
                   "replay own us": runs["replay"]["own_us"], "floor own us": floor["own_us"]}
+        for kind, (us, share) in runs[args.policy]["by_kind"].items():  # own us a step of that kind; its share
+            values[f"{args.policy} {kind} us"], values[f"{args.policy} {kind} share"] = us, share
         for name, value in values.items():
             rows.setdefault(name, []).append(value)
         print(f"pass {p + 1}/{args.passes}: " + ", ".join(f"{k} {v:.3f}" if v < 10 else f"{k} {v:.0f}"
