@@ -73,10 +73,11 @@ def engine_run(engine, workload, policy: str, replay: list[set[int]] | None = No
                     if out.finished:
                         outputs.append(out.seq.output_ids)
                 t = engine.last_step
-                own += t.total - t.small_forward - t.large_forward
+                step_own = t.total - t.small_forward - t.large_forward
+                own += step_own
                 small_s += t.small_forward
                 kind = kinds["large call"] if t.large_forward else kinds["router asked"] if t.route else kinds["other"]
-                kind[0] += t.total - t.small_forward - t.large_forward
+                kind[0] += step_own
                 kind[1] += 1
     seconds = time.perf_counter() - start
     forwards = engine.runner.num_forwards[SMALL] - forwards
