@@ -305,6 +305,8 @@ class Engine:
 
 
 def _all_sure(seqs: list[Sequence], top1_probs: list[float] | None) -> bool:
-    """Every row's top-1 probability (the sampler's) reaches its sequence's gate, where its router routes nothing:
-    the step needs no routing call (at batch 1, most steps of a gated router; NaN reaches nothing)."""
-    return top1_probs is not None and all(s.gate is not None and p >= s.gate for s, p in zip(seqs, top1_probs))
+    """Every row's top-1 probability (the sampler's) reaches its sequence's gate, where its router routes nothing,
+    or its sequence never uses the large model (`small` in a mixed batch): the step needs no routing call (at
+    batch 1, most steps of a gated router; NaN reaches nothing)."""
+    return top1_probs is not None and all(p >= s.gate if s.gate is not None else not s.uses_large
+                                          for s, p in zip(seqs, top1_probs))

@@ -202,11 +202,12 @@ def test_routing_sits_below_the_engine():
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("num_prompts", [1, 4])
-def test_a_gated_router_is_not_asked_where_every_row_reaches_its_gate(pair, monkeypatch, num_prompts):
+@pytest.mark.parametrize("num_prompts, with_small", [(1, False), (4, False), (4, True)])
+def test_a_gated_router_is_not_asked_where_every_row_reaches_its_gate(pair, monkeypatch, num_prompts, with_small):
     """confidence:t routes no position whose top-1 probability reaches t (its gate): a token step where every row
     does is not routed and the router is not asked. Tokens and writers equal those of the same router asked at
-    every step (its gate taken away), alone and batched."""
+    every step (its gate taken away), alone and batched, and batched with `small` requests (which never route:
+    their rows do not keep the router asked)."""
     from collab_decode.routing.policies import ConfidenceRoute
 
     calls: list[list[float]] = []
@@ -221,13 +222,14 @@ def test_a_gated_router_is_not_asked_where_every_row_reaches_its_gate(pair, monk
     make_engine(*pair).generate(prompts[:1], GREEDY, "confidence:1.0")  # asked at every step: this pair's top-1s
     t = round(float(torch.tensor([p for top1 in calls for p in top1]).median()), 6)
     policy = f"confidence:{t}"
+    policies = [policy if i % 2 == 0 or not with_small else "small" for i in range(num_prompts)]
     runs = {}
     for gated in (True, False):
         engine = make_engine(*pair)
         calls.clear()
         if not gated:
             engine.router_for(parse_routing(policy)).gate = None
-        results = engine.generate(prompts, GREEDY, policy)
+        results = engine.generate(prompts, GREEDY, policies)
         runs[gated] = ([(r.token_ids, r.provenance) for r in results], list(calls))
     (outputs, gated_calls), (ungated_outputs, ungated_calls) = runs[True], runs[False]
     assert outputs == ungated_outputs

@@ -327,9 +327,13 @@ MUTATIONS: list[Mutation] = [
              ("tests/trainer/test_train.py",), "the lookup's probabilities are taken relative to the top-1's (the "
                                                "pipeline and the router would agree on the wrong value)"),
     Mutation("gate-spares-every-step", "routing", ENGINE,
-             "p >= s.gate for s, p in zip(seqs, top1_probs)", "p >= 0.0 for s, p in zip(seqs, top1_probs)",
+             "p >= s.gate if s.gate is not None else not s.uses_large", "p >= 0.0 if s.gate is not None else True",
              ("tests/engine/test_routing.py",), "the engine skips a gated router on every step, not only where "
                                                 "every row reaches its gate: nothing is ever routed"),
+    Mutation("gate-sure-rows-routed", "routing", ENGINE,
+             "p >= s.gate if s.gate is not None else not s.uses_large", "p >= s.gate if s.gate is not None else False",
+             ("tests/engine/test_routing.py",), "a `small` row in a batch keeps the gated routers asked at every "
+                                                "step (no decision changes; the gate spares nothing there)"),
     # ---- sampling filters ----------------------------------------------------------------------------
     Mutation("temperature-ignored", "sampling", SAMPLING,
              "scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]",
