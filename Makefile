@@ -37,7 +37,7 @@ test-vllm: setup
 test-lmeval: setup
 	$(PY) -m pytest -x -m lmeval -rP tests/serve/test_lm_eval.py
 
-# The CUDA paths, on a machine with a GPU (CI has none; ~4 minutes): the native model against transformers on the
+# The CUDA paths, on a machine with a GPU (CI has none; ~4-5 minutes): the native model against transformers on the
 # GPU, the demo pair's every kind of routing on the GPU against the CPU (eager, compiled, transformers backend,
 # bfloat16), the label pipeline, and the server with both models on the GPU over REST and gRPC. Needs a CUDA
 # build of torch in .venv (TORCH=... on a fresh checkout where pip's index serves the CPU one)
