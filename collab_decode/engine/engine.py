@@ -3,6 +3,10 @@
 step() is the whole token path, in public parts:
 
     plan = scheduler.schedule()                       which sequences run, how many small-model tokens each
+                                                      (the usual step, each running sequence decoding one
+                                                      token: decode(plan.seqs), which commits the small
+                                                      model's tokens at once where no router need be asked,
+                                                      else goes on below from route)
     proposals, view = run_small(plan)                 small forward (catch-up chunks + decodes), proposals
     routed = route(proposals, view)                   each distinct router asked once, batched
                                                       (engine/route_step.py)
@@ -48,7 +52,7 @@ from collab_decode.engine.speculative import speculative_step
 from collab_decode.kvcache import KVCacheManager
 from collab_decode.routing import Router, RouterContext, RouterInputs, RoutingSpec, build_router, parse_routing
 from collab_decode.routing.neural import load_router
-from collab_decode.sampling import SamplingParams, make_generator
+from collab_decode.sampling import SampleOutput, SamplingParams, make_generator
 
 __all__ = ["Engine", "Generation"]  # (Generation lives with the other step records, in engine/output.py)
 
@@ -186,13 +190,14 @@ class Engine:
         # at low load the cores the engine's threads leave (the server's, idle then) take the long chunks
         low_load = len(self.scheduler.running) <= self.config.chunk_threads_max_batch
         self.runner.chunk_threads = self.config.chunk_threads if low_load else 0
-        token_plan, spec_seqs = self.split_speculative(plan)
-        proposals, small_view = self.run_small(token_plan)  # seq_id -> proposed token; the small model's view
-        routed = route(proposals, small_view, self.runner.times)
-        failed = self.large.run(routed, proposals, self.num_steps)
-        outputs = failed + self.postprocess(proposals)
-        if spec_seqs:
-            outputs += speculative_step(spec_seqs, self.runner, self.scheduler, self.output)
+        if plan.decodes_only:
+            outputs = self.decode(plan.seqs)  # the usual step: one token each, nothing else to schedule
+        else:
+            token_plan, spec_seqs = self.split_speculative(plan)
+            proposals, small_view = self.run_small(token_plan)  # seq_id -> proposed token; the small model's view
+            outputs = self.route_and_commit(proposals, small_view)
+            if spec_seqs:
+                outputs += speculative_step(spec_seqs, self.runner, self.scheduler, self.output)
         self.runner.times.total = time.perf_counter() - t0
         return outputs
 
@@ -231,18 +236,46 @@ class Engine:
         else:
             idx = torch.tensor(rows)
             sampled, logits, hidden = [seqs[i] for i in rows], out.logits[idx], out.hidden[idx]
-        logits = self.runner.vocab_logits(logits)
-        routing = any(s.uses_large for s in sampled)  # some router asks (none under `small`)
-        sample = self.runner.sample(logits, sampled, routing and any(s.reads_top1 for s in sampled))
+        return self.propose(sampled, self.runner.vocab_logits(logits), hidden, proposals)
+
+    def propose(self, seqs: list[Sequence], logits: torch.Tensor, hidden: torch.Tensor,
+                proposals: dict[int, Proposal], sample: SampleOutput | None = None
+                ) -> tuple[dict[int, Proposal], SmallView | None]:
+        """The small model's proposals at the last positions of `seqs` (rows of (B, V) logits and (B, H) hidden),
+        sampled here unless `sample` holds them, into `proposals`; with what the routers must see, if any asks."""
+        sample = self.sample_small(seqs, logits) if sample is None else sample
         nonfinite = set(sample.nonfinite_rows)
-        for j, seq in enumerate(sampled):
+        for j, seq in enumerate(seqs):
             proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j,
                                              error=nonfinite_error(SMALL) if j in nonfinite else None)
-        if not routing or _all_sure(sampled, sample.top1_probs):  # route() needs no view: no router is asked
+        if not _asks_router(seqs, sample.top1_probs):  # route() needs no view
             return proposals, None
-        inputs = RouterInputs([s.router_state for s in sampled], logits, hidden, sample.token_ids,
-                              self.backends[SMALL].embed, sample.row_max, sampled, sample.top1_probs)
-        return proposals, SmallView(sampled, inputs)
+        inputs = RouterInputs([s.router_state for s in seqs], logits, hidden, sample.token_ids,
+                              self.backends[SMALL].embed, sample.row_max, seqs, sample.top1_probs)
+        return proposals, SmallView(seqs, inputs)
+
+    def sample_small(self, seqs: list[Sequence], logits: torch.Tensor) -> SampleOutput:
+        """The small model's token for each row (and the top-1 probabilities a gated router reads, if any will)."""
+        top1 = any(s.reads_top1 for s in seqs) and any(s.uses_large for s in seqs)
+        return self.runner.sample(logits, seqs, top1)
+
+    def decode(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """The usual step (a ScheduleOutput.decodes_only plan): each sequence decodes one token. Where every row is
+        finite and no router need be asked (`small`; a gated router's sure rows), the small model's tokens are
+        committed at once; otherwise the step goes on as any other does (propose, route, the large model)."""
+        out = self.runner.forward_last(SMALL, seqs)
+        logits = self.runner.vocab_logits(out.logits)
+        sample = self.sample_small(seqs, logits)
+        if sample.nonfinite_rows or _asks_router(seqs, sample.top1_probs):
+            return self.route_and_commit(*self.propose(seqs, logits, out.hidden, {}, sample))
+        ids = sample.token_id_list
+        return [self._commit_token(seq, ids[j], SMALL, sample, j) for j, seq in enumerate(seqs)]
+
+    def route_and_commit(self, proposals: dict[int, Proposal], view: SmallView | None) -> list[RequestOutput]:
+        """Ask the routers, run the large model where they route (and for prompts it scores), commit every token."""
+        routed = route(proposals, view, self.runner.times)
+        failed = self.large.run(routed, proposals, self.num_steps)
+        return failed + self.postprocess(proposals)
 
     def postprocess(self, proposals: dict[int, Proposal]) -> list[RequestOutput]:
         """Commit each sequence's token and decide whether its request ends; end those that failed."""
@@ -252,12 +285,15 @@ class Engine:
     def _commit(self, p: Proposal) -> RequestOutput:
         if p.error is not None:
             return self.output.fail(p.seq, p.error)
+        return self._commit_token(p.seq, p.sample.token_id_list[p.row], p.source, p.sample, p.row)
+
+    def _commit_token(self, seq: Sequence, token: int, source: str, sample: SampleOutput, row: int) -> RequestOutput:
         try:
-            self.output.append(p.seq, p.sample.token_id_list[p.row], p.source, p.sample, p.row)
-            return self.output.postprocess(p.seq, 1)
+            self.output.append(seq, token, source, sample, row)
+            return self.output.postprocess(seq, 1)
         except Exception:  # e.g. detokenizing, a stop rule, a router's observe: this request only
-            log.exception("committing a token of sequence %d failed: that request fails", p.seq.seq_id)
-            return self.output.fail(p.seq, internal_error("finishing", p.seq.seq_id))
+            log.exception("committing a token of sequence %d failed: that request fails", seq.seq_id)
+            return self.output.fail(seq, internal_error("finishing", seq.seq_id))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if reason == "error":
@@ -302,6 +338,11 @@ class Engine:
         if progress:
             print()
         return [results[i] for i in ids]
+
+
+def _asks_router(seqs: list[Sequence], top1_probs: list[float] | None) -> bool:
+    """Some row's router must be asked about its token (none under `small`; none where every row is sure)."""
+    return any(s.uses_large for s in seqs) and not _all_sure(seqs, top1_probs)
 
 
 def _all_sure(seqs: list[Sequence], top1_probs: list[float] | None) -> bool:

@@ -58,8 +58,27 @@ class ModelRunner:
             start = seq.num_cached[model]
             chunks.append(SeqChunk(seq.seq_id, seq.token_ids[start:start + n], start,
                                    self.kv[model].block_table(seq.seq_id), all_positions or scores))
+        out = self._run(model, chunks, sum(num_new))
+        for seq, chunk, n, scores in zip(seqs, chunks, num_new, scoring):
+            if scores:
+                record_prompt_logprobs(seq, chunk.num_cached, out.all_logits[seq.seq_id][:, :self.vocab_size])
+            seq.num_cached[model] += n
+        return out
+
+    def forward_last(self, model: str, seqs: list[Sequence]) -> ModelOutput:
+        """`forward` of each seq's one new token (its last; the model's cache holds the rest), with nothing to
+        score: the usual decode step, its chunks built without forward's general bookkeeping."""
+        table = self.kv[model].block_table
+        chunks = [SeqChunk(seq.seq_id, seq.token_ids[-1:], len(seq.token_ids) - 1, table(seq.seq_id)) for seq in seqs]
+        out = self._run(model, chunks, len(chunks))
+        for seq in seqs:
+            seq.num_cached[model] += 1
+        return out
+
+    def _run(self, model: str, chunks: list[SeqChunk], num_tokens: int) -> ModelOutput:
+        """One timed forward of `model` over these chunks (num_tokens new tokens in all)."""
         t0 = time.perf_counter()
-        if self.chunk_threads and model != SMALL and sum(num_new) >= CHUNK_MIN_TOKENS:
+        if self.chunk_threads and model != SMALL and num_tokens >= CHUNK_MIN_TOKENS:
             out = self._forward_threaded(model, chunks)
         else:
             out = self.backends[model].forward(ModelInput(chunks))
@@ -69,10 +88,6 @@ class ModelRunner:
             self.times.small_forward += elapsed
         else:
             self.times.large_forward += elapsed
-        for seq, chunk, n, scores in zip(seqs, chunks, num_new, scoring):
-            if scores:
-                record_prompt_logprobs(seq, chunk.num_cached, out.all_logits[seq.seq_id][:, :self.vocab_size])
-            seq.num_cached[model] += n
         return out
 
     def _forward_threaded(self, model: str, chunks: list[SeqChunk]) -> ModelOutput:

@@ -5,6 +5,8 @@ could take the prompt; give every scheduled sequence the small-model blocks its 
 preempting the youngest running sequence (free its blocks, requeue it for recompute) when the pool
 runs dry. The large model's blocks are claimed only when a sequence is routed to it (`reserve`).
 Long prompts are prefilled in chunks under a per-step token budget, so they never stall decodes.
+The usual step, every running sequence decoding one token in blocks it holds and nothing waiting, is
+recognised first (`decodes`) and planned without that bookkeeping (`ScheduleOutput.decodes_only`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class ScheduleOutput:
     seqs: list[Sequence]  # scheduled sequences, oldest first
     num_new_tokens: list[int]  # small-model chunk length per scheduled sequence (0: large model only)
     preempted: list[Sequence] = field(default_factory=list)  # sent back to waiting this step
+    # every running sequence decodes its one new token in blocks it holds, none drafts (speculative) or has a
+    # prompt left to score, none was admitted or preempted: the usual step (Scheduler.decodes)
+    decodes_only: bool = False
 
     def sampled(self) -> list[bool]:
         """Whether each scheduled sequence reaches its last token (so gets a next token) this step."""
@@ -67,6 +72,14 @@ class Scheduler:
         return all(m.pool.num_blocks * m.block_size >= num_tokens for m in self.kv.values())
 
     def schedule(self) -> ScheduleOutput:
+        decoding = self.decodes()
+        if decoding is not None:  # the usual step: the plan the general rule would make, without its bookkeeping
+            return ScheduleOutput(decoding, [1] * len(decoding), decodes_only=True)
+        return self._schedule_general()
+
+    def _schedule_general(self) -> ScheduleOutput:
+        """Running sequences first (oldest first), each its backlog within the token budget and given its blocks,
+        then waiting ones admitted while the batch and both pools have room."""
         budget = self.config.max_num_batched_tokens
         out = ScheduleOutput(seqs=[], num_new_tokens=[])
         for seq in list(self.running):  # oldest first
@@ -82,6 +95,21 @@ class Scheduler:
             self.running.append(seq)
             budget = self._schedule_one(seq, budget, out)
         return out
+
+    def decodes(self) -> list[Sequence] | None:
+        """The running sequences, oldest first, if this step's plan is each of them decoding one token in blocks
+        it holds with nothing waiting (what the general rule below would plan: no block to give, nobody to
+        admit or preempt), and none drafts (a speculative sequence's step is the engine's draft and verify) or
+        has a prompt left to score; else None."""
+        running, small = self.running, self.kv[SMALL]
+        if self.waiting or not running or len(running) > self.config.max_num_batched_tokens:
+            return None
+        for seq in running:
+            num_tokens = len(seq.token_ids)
+            if (num_tokens - seq.num_cached[SMALL] != 1 or seq.large_owned or seq.mode == "speculative"
+                    or seq.needs_prompt_logprobs or not small.holds(seq.seq_id, num_tokens)):
+                return None
+        return list(running)
 
     def _pools_of(self, seq: Sequence) -> list[str]:
         pools = [SMALL] if seq.uses_small else []

@@ -310,3 +310,60 @@ def test_waiting_tokens_survive_preemption(pair, mid_entropy):
     assert [r.token_ids for r in results] == [r.token_ids for r in expected]
     assert [r.provenance for r in results] == [r.provenance for r in expected]
     check_all_free(engine)
+
+
+def test_the_usual_decode_step_commits_what_the_general_step_would(pair, mid_entropy, monkeypatch, tmp_path):
+    """Engine.decode, the path of the usual step (every running sequence decoding one token), writes what the
+    general step writes: the token-level policies batched, and each policy alone, with greedy and seeded sampling,
+    logprobs, prompt logprobs and a stop string; gated routers (confidence, a neural router with a gate) at a
+    threshold that splits this pair's positions, so sure steps commit at once and the rest are routed. Every
+    block comes back. Runs once as served and once with the usual step taken away (the general rule every step)."""
+    import math
+
+    from collab_decode.engine.engine import Engine
+    from collab_decode.engine.scheduler import Scheduler
+    from collab_decode.routing.neural import RouterMLP, save_router
+
+    engine = make_engine(*pair)
+    greedy_logprobs = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
+    chosen = [lp for r in engine.generate(PROMPTS, greedy_logprobs, "small") for lp in r.logprobs]
+    gate = round(math.exp(sorted(chosen)[len(chosen) // 2]), 6)  # the median top-1 probability (greedy: chosen)
+    torch.manual_seed(0)
+    hidden_size = engine.backends["small"].hidden_size
+    save_router(tmp_path / "router", RouterMLP(hidden_size, top_k=8, width=16),
+                {"hidden_size": hidden_size, "top_k": 8, "width": 16, "num_layers": 2, "threshold": 0.5, "gate": gate})
+    policies = ["small", "large", f"entropy:{mid_entropy}", f"confidence:{gate}", "neural", "random:0.3",
+                f"step-entropy:{mid_entropy}"]
+    samplings = [GREEDY, SamplingParams(max_tokens=24, temperature=0.9, seed=5, ignore_eos=True), greedy_logprobs,
+                 SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, prompt_logprobs=2),
+                 SamplingParams(max_tokens=24, temperature=0.0, stop=["e"])]
+    decode_steps = []
+    real_decode = Engine.decode
+    monkeypatch.setattr(Engine, "decode", lambda self, seqs: decode_steps.append(len(seqs)) or real_decode(self, seqs))
+
+    def finished(engine, requests) -> list:
+        """Each request's sequence once finished (what a client can read of it), in request order."""
+        ids = [engine.add_request(prompt, sampling, policy) for prompt, sampling, policy in requests]
+        seqs = {}
+        while engine.has_unfinished():
+            seqs.update((out.seq_id, out.seq) for out in engine.step() if out.finished)
+        return [(s.output_ids, s.provenance, s.finish_reason, s.logprobs, s.top_logprobs, s.prompt_logprobs,
+                 s.output_text, s.stats.as_dict()) for s in map(seqs.get, ids)]
+
+    def run() -> list:
+        engine = make_engine(*pair, routers={"r": tmp_path / "router"})
+        batched = policies[:1] + policies[2:6]  # (a step the large model owns takes the general rule: `large`'s)
+        results = finished(engine, [(PROMPTS[i % 4], samplings[i % 5], batched[i % 5]) for i in range(8)])
+        for i, policy in enumerate(policies):
+            results += finished(engine, [(PROMPTS[i % 4], samplings[i % 5], policy)])
+        check_all_free(engine)
+        return results
+
+    served = run()
+    assert len(decode_steps) > 100 and max(decode_steps) > 1  # the usual step ran, alone and batched
+    assert {w for _, provenance, *_ in served for w in provenance} == {"small", "large"}
+    assert any(prompt_logprobs for *_, prompt_logprobs, _, _ in served)
+    monkeypatch.setattr(Scheduler, "decodes", lambda self: None)
+    decode_steps.clear()
+    assert run() == served
+    assert not decode_steps

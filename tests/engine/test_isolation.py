@@ -76,6 +76,25 @@ def test_nan_logits_fail_only_their_request(poisoned, policy):
     check_all_free(engine)
 
 
+@pytest.mark.parametrize("policy", ["small", "random:0.5"])
+def test_nan_logits_while_decoding_fail_only_their_request(poisoned, tmp_path, policy):
+    """A request whose NaN comes in while it decodes (one of its own output tokens, poisoned), in the usual step's
+    batch: it ends with an error after that token, the others write what they write alone."""
+    want = run_alone(engine_with_blocks(poisoned), policy)
+    prompt = [400, 401, 402]
+    (clean,) = run_together(engine_with_blocks(poisoned), [(prompt, GREEDY)], policy)
+    seen = {t for p in PROMPTS + [prompt] for t in p} | {t for out in want for t in out}
+    # its first output token from the third on that no other request holds and it has not written before
+    k = next(i for i, t in enumerate(clean.output_ids) if i >= 2 and t not in seen | set(clean.output_ids[:i]))
+    engine = engine_with_blocks(make_poisoned_pair(tmp_path, clean.output_ids[k]))
+    bad, *innocent = run_together(engine, [(prompt, GREEDY)] + list(zip(PROMPTS, SAMPLINGS)), policy)
+    assert bad.finish_reason == "error" and "not finite (NaN or inf)" in bad.error
+    assert bad.output_ids == clean.output_ids[:k + 1]
+    assert [s.output_ids for s in innocent] == want
+    assert all(s.finish_reason == "length" and s.error is None for s in innocent)
+    check_all_free(engine)
+
+
 def test_failed_request_ends_with_its_error_through_generate(poisoned):
     engine = engine_with_blocks(poisoned)
     bad, good = engine.generate([BAD_PROMPT, PROMPTS[0]], GREEDY, "small")

@@ -140,3 +140,55 @@ def test_finish_and_truncate_return_blocks():
 @pytest.mark.parametrize("tokens, fits", [(256, True), (257, False)])
 def test_can_ever_fit_checks_every_pool(tokens, fits):
     assert create_scheduler(small_blocks=100, large_blocks=64).can_ever_fit(tokens) is fits
+
+
+def test_the_usual_decode_step_is_the_plan_the_general_rule_makes():
+    """Whenever `decodes` recognises the usual step (every running sequence decoding one token in blocks it holds,
+    nothing waiting), the general rule plans the same sequences, one token each, and gives no block, admits and
+    preempts nobody: over a run with arrivals, finishes, chunked prefills, block boundaries and preemption."""
+    scheduler = create_scheduler(small_blocks=9, max_num_seqs=3, max_num_batched_tokens=6)
+    seqs = create_requests(scheduler, [3, 5])
+    fast_steps = 0
+    for step in range(80):
+        if step % 9 == 0:
+            seqs += create_requests(scheduler, [2 + step % 7])
+        for seq in list(scheduler.running):
+            if seq.num_output_tokens >= 12:  # its max_tokens
+                scheduler.finish(seq, "length")
+        decoding = scheduler.decodes()
+        if decoding is not None:
+            fast_steps += 1
+            used, waiting = scheduler.kv[SMALL].num_used_blocks, list(scheduler.waiting)
+            general = scheduler._schedule_general()
+            assert (general.seqs, general.num_new_tokens, general.preempted) == (decoding, [1] * len(decoding), [])
+            assert scheduler.kv[SMALL].num_used_blocks == used and list(scheduler.waiting) == waiting
+        plan = scheduler.schedule()
+        assert plan.decodes_only == (decoding is not None)
+        run_plan(plan)
+    assert 20 < fast_steps < 60, fast_steps  # both kinds of step ran
+    assert any(s.stats.num_preemptions for s in seqs)
+
+
+@pytest.mark.parametrize("case", ["waiting", "block boundary", "large owns", "speculative", "prompt logprobs",
+                                  "token budget"])
+def test_steps_that_are_not_the_usual_decode_take_the_general_rule(case):
+    scheduler = create_scheduler(max_num_batched_tokens=1 if case == "token budget" else 2048)
+    policy = {"large owns": "step-entropy:1", "speculative": "speculative:2"}.get(case, "small")
+    seqs = create_requests(scheduler, [2, 5], policy)
+    for _ in range(4 if case == "token budget" else 1):
+        run_plan(scheduler.schedule())  # prefilled: the next step would decode one token each, in held blocks
+    if case not in ("token budget", "speculative"):  # (the only thing in the way of the usual step: the change below)
+        assert scheduler.decodes() == seqs
+    if case == "waiting":
+        create_requests(scheduler, [3])
+    elif case == "block boundary":  # the next token is the first of a new block
+        for seq in seqs:
+            seq.token_ids += [7] * ((1 - seq.num_tokens) % BLOCK)  # its blocks hold all its tokens but the last
+            seq.num_cached[SMALL] = seq.num_tokens - 1
+            scheduler.kv[SMALL].allocate(seq.seq_id, seq.num_cached[SMALL])
+    elif case == "large owns":
+        seqs[1].step_owner = LARGE
+    elif case == "prompt logprobs":
+        seqs[0].sampling = SamplingParams(max_tokens=100, prompt_logprobs=1)
+    assert scheduler.decodes() is None
+    assert not scheduler.schedule().decodes_only
