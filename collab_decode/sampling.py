@@ -14,6 +14,11 @@ Data flow, once per engine step and model:
 
 `processed_probs` is also the target/draft distribution of speculative decoding's rejection sampling,
 so it is deterministic, batched and has no host sync.
+
+A greedy batch of a few rows on the CPU takes its tokens, row maxima and top-1 probabilities from one call of
+collab_decode/_hostops.c (the same values as the torch ops, on the host at once; at batch 1 right after a forward
+the torch ops cost ~15-20 us, that call a few); larger batches, other devices and an install without the
+module use the torch ops.
 """
 
 from __future__ import annotations
@@ -23,11 +28,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+try:  # the greedy reductions in C (collab_decode/_hostops.c), built at install where there is a C compiler
+    from collab_decode import _hostops
+except ImportError:  # none: torch ops do the same
+    _hostops = None
+
 MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's limit)
 INT64_MAX = 2**63 - 1  # integer fields become int64 tensors: nothing larger can be represented
 SEED_RANGE = (-2**63, 2**64)  # what torch.Generator.manual_seed takes (as int64 or uint64)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the sampler's dtype: a larger temperature is inf there
 _TOP_P_SLACK = 1e-6  # cumulative mass this close to top_p counts as reaching it (float32 sums)
+# most rows of a greedy batch that _hostops samples on the host: one C loop a row, where torch's kernels are
+# vectorised and their per-op cost is shared by the rows (the crossover, measured after a forward: see
+# docs/benchmarks.md, Session 17)
+HOST_GREEDY_MAX_ROWS = 32
 
 
 class SamplingError(ValueError):
@@ -112,7 +126,8 @@ def _is_real(x: object) -> bool:
 class SampleOutput:
     """What `Sampler.sample` returns for a batch of B rows."""
 
-    token_ids: torch.Tensor  # (B,) int64 chosen tokens
+    # (B,) int64 chosen tokens; None where they were picked on the host (_hostops): `token_ids` makes it then
+    token_tensor: torch.Tensor | None
     logprobs: torch.Tensor | None  # (B,) float32 logprob of each chosen token under log_softmax(raw
     #   logits); None when no row asked for logprobs
     # (B, n) int64 / float32 top-n tokens of the raw distribution, logprob descending, where n is the
@@ -128,15 +143,28 @@ class SampleOutput:
     # Then row_max is None when every row's top-1 probability is above one half (so every row is finite)
     top1_probs: list[float] | None = None
 
-    # what the engine reads on the host, copied once per batch on first use
-    _token_id_list: list[int] | None = field(default=None, init=False, repr=False)
+    # what the engine reads on the host: copied once per batch on first use, or given by the host sampler
+    _token_id_list: list[int] | None = field(default=None, repr=False)
+    _row_max_list: list[float] | None = field(default=None, repr=False)
     _nonfinite_rows: list[int] | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def on_host(cls, token_ids: list[int], row_max: list[float], top1_probs: list[float] | None) -> "SampleOutput":
+        """Tokens picked on the host (_hostops), with no logprobs: their tensor is made only if something reads it."""
+        return cls(None, None, top1_probs=top1_probs, _token_id_list=token_ids, _row_max_list=row_max)
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        """(B,) int64 chosen tokens (made from token_id_list where the host picked them: a router's input)."""
+        if self.token_tensor is None:
+            self.token_tensor = torch.tensor(self._token_id_list)
+        return self.token_tensor
 
     @property
     def token_id_list(self) -> list[int]:
         """token_ids as Python ints (one host copy for the whole batch, however many rows are read)."""
         if self._token_id_list is None:
-            self._token_id_list = self.token_ids.tolist()
+            self._token_id_list = self.token_tensor.tolist()
         return self._token_id_list
 
     @property
@@ -144,7 +172,9 @@ class SampleOutput:
         """Rows whose logits were not finite: their requests must fail. Checked on the host from row_max
         (a copy of B floats: cheaper at batch 1 than more tensor ops)."""
         if self._nonfinite_rows is None:
-            maxes = [] if self.row_max is None else self.row_max.tolist()
+            maxes = self._row_max_list
+            if maxes is None:
+                maxes = [] if self.row_max is None else self.row_max.tolist()
             # a sum of finite maxes is finite (one that overflows sends every row to the check below)
             finite = math.isfinite(sum(maxes))
             self._nonfinite_rows = [] if finite else [row for row, m in enumerate(maxes) if not math.isfinite(m)]
@@ -227,6 +257,8 @@ class Sampler:
         if logits.dtype != torch.float32:  # (a call of .float() costs ~1 us even when it returns its input)
             logits = logits.float()  # (B, V)
         greedy = all(p.greedy for p in params)
+        if greedy and _hostops is not None and logits.is_cpu and logits.shape[0] <= HOST_GREEDY_MAX_ROWS:
+            return _greedy_on_host(logits, params, top1)
         if greedy and top1:
             return _greedy_with_top1(logits, params)
         if greedy:
@@ -260,6 +292,20 @@ class Sampler:
             noise[index] = torch.empty_like(noise[index]).exponential_()
         # exponential_ may return exactly 0 in float32: keep the division finite.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+def _greedy_on_host(logits: torch.Tensor, params: list[SamplingParams], top1: bool) -> SampleOutput:
+    """A greedy batch's tokens, row maxima and (with `top1`) top-1 probabilities from one call of _hostops.greedy (CPU
+    float32 logits): the values torch.max and the softmax give, on the host at once."""
+    if logits.stride(-1) != 1:  # (the C loop reads each row's columns one after another)
+        logits = logits.contiguous()
+    token_ids, row_max, top1_probs = _hostops.greedy(logits.data_ptr(), logits.shape[0], logits.shape[1],
+                                                    logits.stride(0), top1)
+    if all(p.logprobs is None for p in params):
+        return SampleOutput.on_host(token_ids, row_max, top1_probs)
+    out = logprobs_of(logits, torch.tensor(token_ids, device=logits.device), params)
+    out._token_id_list, out._row_max_list, out.top1_probs = token_ids, row_max, top1_probs
+    return out
 
 
 def _greedy_with_top1(logits: torch.Tensor, params: list[SamplingParams]) -> SampleOutput:

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from collab_decode import sampling
 from collab_decode.sampling import (
     SampleOutput,
     Sampler,
@@ -28,6 +29,18 @@ def sample(logits, params, generators=None) -> SampleOutput:
     return Sampler().sample(logits, params, generators)
 
 
+@pytest.fixture(params=["host", "torch"])
+def greedy_path(request, monkeypatch):
+    """Greedy batches sampled by collab_decode/_hostops.c (at every batch size) or by the torch ops (other devices,
+    larger batches, an install without a C compiler)."""
+    if request.param == "host":
+        assert sampling._hostops is not None, "collab_decode._hostops was not built (make setup builds it)"
+        monkeypatch.setattr(sampling, "HOST_GREEDY_MAX_ROWS", 1 << 20)
+    else:
+        monkeypatch.setattr(sampling, "_hostops", None)
+    return request.param
+
+
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     expected = probs.double() * counts.sum()
     return float(((counts.double() - expected) ** 2 / expected).sum())
@@ -35,7 +48,7 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 # --- greedy and temperature ---------------------------------------------------------------------
 
-def test_greedy_equals_argmax_and_consumes_no_randomness():
+def test_greedy_equals_argmax_and_consumes_no_randomness(greedy_path):
     logits = random_logits(5)
     generators = [make_generator(i) for i in range(5)]
     states = [g.get_state() for g in generators]
@@ -74,7 +87,7 @@ def test_underflowing_temperature_is_greedy_not_token_0(temperature):
     assert torch.equal(out.token_ids, logits.argmax(-1)) and not out.nonfinite_rows
 
 
-def test_rows_with_nan_or_inf_logits_are_flagged_and_the_others_unchanged():
+def test_rows_with_nan_or_inf_logits_are_flagged_and_the_others_unchanged(greedy_path):
     logits = random_logits(6)
     logits[1, 3] = float("nan")
     logits[2, 0] = float("inf")
@@ -107,7 +120,7 @@ def near_tie_logits() -> torch.Tensor:
     return logits
 
 
-def test_greedy_with_top1_takes_the_logits_argmax_even_at_near_ties():
+def test_greedy_with_top1_takes_the_logits_argmax_even_at_near_ties(greedy_path):
     """The fused path picks tokens from the softmax's max; where that could differ from the logits' argmax (two
     probabilities equal to float32 precision), it must fall back to the logits. Every row: the max's token."""
     logits = torch.cat([near_tie_logits(), random_logits(50, seed=3), random_logits(50, seed=4) * 10])
@@ -116,11 +129,58 @@ def test_greedy_with_top1_takes_the_logits_argmax_even_at_near_ties():
     assert fused.token_id_list == logits.max(-1).indices.tolist()
     assert fused.token_id_list[:2] == [5, 3]  # (the softmax alone would say 2 for row 0)
     assert torch.softmax(logits[0], -1)[2] == torch.softmax(logits[0], -1)[5]  # the case is real
-    assert fused.top1_probs == torch.softmax(logits, -1).amax(-1).tolist()  # what the gate computed itself
+    expected = torch.softmax(logits, -1).amax(-1).tolist()  # what the gate computed itself
+    if greedy_path == "torch":
+        assert fused.top1_probs == expected
+    else:  # (the C sum's rounding is not the softmax kernel's)
+        assert fused.top1_probs == pytest.approx(expected, rel=1e-6)
     assert not fused.nonfinite_rows
 
 
-def test_greedy_with_top1_trusts_the_softmax_only_above_one_half():
+def host_and_torch(logits: torch.Tensor, params: list[SamplingParams], top1: bool, monkeypatch) -> tuple:
+    """Sampler.sample of a greedy batch on the host (collab_decode/_hostops.c) and with the torch ops."""
+    monkeypatch.setattr(sampling, "HOST_GREEDY_MAX_ROWS", 1 << 20)
+    on_host = Sampler().sample(logits, params, [None] * len(params), top1)
+    monkeypatch.setattr(sampling, "_hostops", None)
+    with_torch = Sampler().sample(logits, params, [None] * len(params), top1)
+    monkeypatch.undo()
+    return on_host, with_torch
+
+
+@pytest.mark.parametrize("top1", [False, True])
+@pytest.mark.parametrize("logprobs", [None, 0, 3])
+def test_the_host_greedy_sampler_gives_what_the_torch_ops_give(top1, logprobs, monkeypatch):
+    """Tokens (the first largest logit), the finite check, top-1 probabilities and logprobs, on rows of every kind:
+    near ties, random, a wide vocabulary, NaN / +inf / nothing finite / banned tokens; and on the views the engine
+    hands the sampler (a padded vocabulary cut off: rows further apart than their length; columns not contiguous)."""
+    assert sampling._hostops is not None, "collab_decode._hostops was not built (make setup builds it)"
+    wide = torch.randn(7, 447, generator=torch.Generator().manual_seed(7)) * 4
+    broken = random_logits(5, seed=9)
+    broken[1, 3], broken[2, 0], broken[3], broken[4, :5] = float("nan"), float("inf"), float("-inf"), float("-inf")
+    batches = [near_tie_logits(), random_logits(1), random_logits(40, seed=2) * 10, wide, broken,
+               wide[:, :440], random_logits(VOCAB, seed=4).t()]
+    for logits in batches:
+        params = [SamplingParams(temperature=0, logprobs=logprobs)] * len(logits)
+        on_host, with_torch = host_and_torch(logits, params, top1, monkeypatch)
+        assert on_host.token_id_list == with_torch.token_id_list == logits.max(-1).indices.tolist()
+        assert torch.equal(on_host.token_ids, with_torch.token_ids) and on_host.token_ids.dtype == torch.int64
+        assert on_host.nonfinite_rows == with_torch.nonfinite_rows
+        if top1:
+            expected = torch.softmax(logits, -1).amax(-1).tolist()
+            assert [math.isnan(p) for p in on_host.top1_probs] == [math.isnan(p) for p in expected]
+            assert [p for p in on_host.top1_probs if p == p] == pytest.approx([p for p in expected if p == p], rel=1e-6)
+        else:
+            assert on_host.top1_probs is None
+        for name in ("logprobs", "top_ids", "top_logprobs"):
+            a, b = getattr(on_host, name), getattr(with_torch, name)
+            if a is None or b is None:
+                assert a is None and b is None, name
+            else:
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert host_and_torch(broken, [SamplingParams(temperature=0)] * 5, top1, monkeypatch)[0].nonfinite_rows == [1, 2, 3]
+
+
+def test_greedy_with_top1_trusts_the_softmax_only_above_one_half(greedy_path):
     assert clear_top1(12) == pytest.approx(0.5, abs=1e-5) and clear_top1(12) > 0.5
     assert 0.5 < clear_top1(152_000) < 0.52  # a large vocabulary's sum carries more rounding
     logits = random_logits(200, seed=5) * 2
@@ -130,7 +190,7 @@ def test_greedy_with_top1_trusts_the_softmax_only_above_one_half():
     assert fused.token_id_list == logits.argmax(-1).tolist()
 
 
-def test_greedy_with_top1_flags_the_same_nonfinite_rows():
+def test_greedy_with_top1_flags_the_same_nonfinite_rows(greedy_path):
     logits = random_logits(6)
     logits[1, 3] = float("nan")
     logits[2, 0] = float("inf")
@@ -143,7 +203,7 @@ def test_greedy_with_top1_flags_the_same_nonfinite_rows():
     assert [fused.token_id_list[r] for r in (0, 4, 5)] == logits[[0, 4, 5]].argmax(-1).tolist()
 
 
-def test_top1_is_computed_only_for_greedy_batches_that_ask():
+def test_top1_is_computed_only_for_greedy_batches_that_ask(greedy_path):
     logits = random_logits(4)
     assert sample(logits, [SamplingParams(temperature=0)] * 4).top1_probs is None
     mixed = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=1)] * 2
@@ -151,7 +211,7 @@ def test_top1_is_computed_only_for_greedy_batches_that_ask():
     assert out.top1_probs is None and out.token_id_list[::2] == logits[::2].argmax(-1).tolist()
 
 
-def test_top_k_1_equals_greedy():
+def test_top_k_1_equals_greedy(greedy_path):
     logits = random_logits(6)
     params = [SamplingParams(temperature=2.0, top_k=1)] * 6
     assert params[0].greedy

@@ -2,8 +2,8 @@
 
     .venv/bin/python tools/speed_compare.py BEFORE_REV AFTER_REV [--rounds 3] [--policies large entropy:0.3]
 
-Each revision is checked out into a temporary worktree; each measurement is a fresh process (so one
-revision's warm caches never help the other) that loads the demo pair, warms up, and times greedy
+Each revision is checked out into a temporary worktree (its C modules built there); each measurement is a
+fresh process (so one revision's warm caches never help the other) that loads the demo pair, warms up, and times greedy
 generation of held-out demo problems at batch 1 (requests one after another) and batch 64 (all at
 once). Prints tokens/s per (revision, policy, batch) for every round and the after/before ratio of the
 medians. Works on any revision whose Engine.generate(prompts, SamplingParams, policy) exists.
@@ -60,6 +60,24 @@ def measure(tree: Path, policies: list[str], num_batch1: int, num_batched: int) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# builds a revision's C modules in its tree, as `pip install -e .` does in a checkout (a worktree has only the sources)
+BUILD = r'''
+from pathlib import Path
+from setuptools import Extension
+from setuptools.dist import Distribution
+sources = sorted(Path("collab_decode").glob("_*.c"))
+if sources:
+    dist = Distribution({"ext_modules": [Extension(f"collab_decode.{s.stem}", [str(s)]) for s in sources]})
+    command = dist.get_command_obj("build_ext")
+    command.inplace = True
+    dist.run_command("build_ext")
+'''
+
+
+def build_extensions(tree: Path) -> None:
+    subprocess.run([sys.executable, "-c", BUILD], cwd=tree, check=True, capture_output=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("before")
@@ -75,6 +93,7 @@ def main() -> int:
         for label, rev in (("before", args.before), ("after", args.after)):
             trees[label] = Path(tmp) / label
             subprocess.run(["git", "worktree", "add", "-q", "--detach", str(trees[label]), rev], cwd=ROOT, check=True)
+            build_extensions(trees[label])
         try:
             for r in range(args.rounds):
                 for label in ("before", "after"):

@@ -65,9 +65,14 @@ class NativeBackend:
             k.index_fill_(0, index, 0)
             v.index_fill_(0, index, 0)
 
+    @property
+    def embedding(self) -> torch.Tensor:
+        """(V, hidden) the input embedding table `embed` reads (a router on the host reads its rows directly)."""
+        return self.model.model.embed_tokens.weight
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         # the functional call: the router's features look up a few rows per step (the weights need no grad)
-        return F.embedding(token_ids.to(self.device), self.model.model.embed_tokens.weight)
+        return F.embedding(token_ids.to(self.device), self.embedding)
 
     def forward(self, batch: ModelInput) -> ModelOutput:
         if torch.is_inference_mode_enabled():  # the engine's step already is: entering again costs ~5 us

@@ -250,8 +250,10 @@ class Engine:
                                              error=nonfinite_error(SMALL) if j in nonfinite else None)
         if not _asks_router(seqs, sample.top1_probs):  # route() needs no view
             return proposals, None
-        inputs = RouterInputs([s.router_state for s in seqs], logits, hidden, sample.token_ids,
-                              self.backends[SMALL].embed, sample.row_max, seqs, sample.top1_probs)
+        small = self.backends[SMALL]
+        inputs = RouterInputs([s.router_state for s in seqs], logits, hidden, sample.token_ids, small.embed,
+                              sample.row_max, seqs, sample.top1_probs, sample.token_id_list,
+                              getattr(small, "embedding", None))
         return proposals, SmallView(seqs, inputs)
 
     def sample_small(self, seqs: list[Sequence], logits: torch.Tensor) -> SampleOutput:

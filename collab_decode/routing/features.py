@@ -74,7 +74,12 @@ def lookup_features(index: PromptIndex, context: list[int], top_ids: list[int], 
 def top_tokens(top_logits: torch.Tensor, top_ids: torch.Tensor, top1_probs: list[float]
                ) -> tuple[list[list[int]], list[list[float]]]:
     """Each row's LOOKUP_TOP most likely token ids and their probabilities, on the host, from its largest logits
-    (sorted descending, at least LOOKUP_TOP of them: a topk's values and indices) and its top-1 probability:
-    p_i = p_1 exp(l_i - l_1), the softmax's, without another pass over the vocabulary."""
+    (sorted descending, at least LOOKUP_TOP of them: a topk's values and indices) and its top-1 probability."""
     ids, values = top_ids[:, :LOOKUP_TOP].tolist(), top_logits[:, :LOOKUP_TOP].tolist()
-    return ids, [[p1 * math.exp(v - row[0]) for v in row] for p1, row in zip(top1_probs, values)]
+    return ids, [top_probs(row, p1) for p1, row in zip(top1_probs, values)]
+
+
+def top_probs(top_logits: list[float], top1_prob: float) -> list[float]:
+    """The probabilities of a row's largest logits (descending) from its top-1 probability: p_i = p_1 exp(l_i - l_1),
+    the softmax's, without another pass over the vocabulary."""
+    return [top1_prob * math.exp(v - top_logits[0]) for v in top_logits]

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from collab_decode.routing.features import (LOOKUP_MAX_N, LOOKUP_TOP, PromptIndex, feature_size, lookup_features,
-                                           router_features, top_tokens)
+                                           router_features, top_probs, top_tokens)
 from collab_decode.routing.policies import Router, RouterContext, RouterInputs
+from collab_decode.sampling import _hostops
 
 
 class RouterMLP(nn.Module):
@@ -69,7 +70,8 @@ class FrozenRouterMLP:
     def __init__(self, model: RouterMLP):
         self.top_k, self.prompt_lookup = model.top_k, model.prompt_lookup
         norm, *layers = model.net
-        self.norm = (norm.normalized_shape, norm.weight.detach(), norm.bias.detach(), norm.eps)
+        weight, bias = norm.weight.detach().contiguous(), norm.bias.detach().contiguous()
+        self.norm = (norm.normalized_shape, weight, bias, norm.eps)
         linears = [layer for layer in layers if isinstance(layer, nn.Linear)]
         self.linears = []  # (weight transposed, bias), scaled as above
         for i, layer in enumerate(linears):
@@ -78,6 +80,17 @@ class FrozenRouterMLP:
             scale_in = SQRT_HALF if i > 0 else 1.0  # its input is a GELU's z + z erf(z), sqrt(2) times GELU(a)
             weight = layer.weight.detach().t() * (scale_in * scale_out)
             self.linears.append((weight.contiguous(), (layer.bias.detach() * scale_out).contiguous()))
+        self.host = self._host_stack()  # the same stack as _hostops.mlp reads it; None: torch ops only
+
+    def _host_stack(self) -> tuple[tuple, list[tuple]] | None:
+        """(norm, layers) for _hostops.mlp: the addresses of these tensors' memory (float32 on the CPU; they live as
+        long as this object) and their sizes; None where the module was not built or the weights are elsewhere."""
+        shape, weight, bias, eps = self.norm
+        tensors = [weight, bias] + [t for linear in self.linears for t in linear]
+        if _hostops is None or len(shape) != 1 or not all(t.is_cpu and t.dtype == torch.float32 for t in tensors):
+            return None
+        layers = [(w.data_ptr(), b.data_ptr(), w.shape[0], w.shape[1]) for w, b in self.linears]
+        return (weight.data_ptr(), bias.data_ptr(), float(eps), shape[0]), layers
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(features, *self.norm)
@@ -156,6 +169,10 @@ def save_router(path: str | Path, model: RouterMLP, config: dict) -> None:
 # From this many rows the gate sums exp(logits - max) with the sampler's max instead of softmax + max: over
 # the demo vocabulary (447), 2.9 against 5.2 us at 1 row, 8.0 / 7.9 at 16, 23 / 15 at 64 (one thread, here)
 EXP_SUM_FROM_ROWS = 16
+# Up to this many uncertain rows the MLP and its features are computed on the host (_hostops: one C loop a row)
+# where the inputs allow it (float32 on the CPU); from more, torch's batched ops (measured: docs/benchmarks.md,
+# Session 17)
+HOST_MAX_ROWS = 4
 
 
 class NeuralRoute(Router):
@@ -176,6 +193,8 @@ class NeuralRoute(Router):
         # MLP (the trainer sets the gate above every divergent training position; None: no gate): Router.gate
         self.gate = router.config.get("gate")
         self.reads_top1 = self.gate is not None
+        # the largest logits the features read (and the prompt lookup's top tokens)
+        self.num_top = max(self.model.top_k, LOOKUP_TOP) if self.model.prompt_lookup else self.model.top_k
 
     @classmethod
     def from_spec(cls, spec, context: RouterContext) -> "NeuralRoute":
@@ -211,7 +230,7 @@ class NeuralRoute(Router):
     def features(self, inputs: RouterInputs) -> torch.Tensor:
         if not self.model.prompt_lookup:
             return router_features(inputs.hidden, inputs.embed(inputs.proposed), inputs.logits, self.model.top_k)
-        top = torch.topk(inputs.logits, max(self.model.top_k, LOOKUP_TOP), dim=-1)  # the features' and the lookup's
+        top = torch.topk(inputs.logits, self.num_top, dim=-1)  # the features' and the lookup's
         return router_features(inputs.hidden, inputs.embed(inputs.proposed), inputs.logits, self.model.top_k,
                                self._lookup(inputs, top), top.values)
 
@@ -219,20 +238,37 @@ class NeuralRoute(Router):
     def _lookup(inputs: RouterInputs, top) -> torch.Tensor:
         """(B, LOOKUP_SIZE): each row's prompt lookup (its sequence's prompt indexed on first use), from its
         largest logits (`top`: a topk of at least LOOKUP_TOP)."""
-        if inputs.contexts is None:
-            raise ValueError("this router looks its prompt up: its inputs must carry each row's sequence")
-        top_ids, top_probs = top_tokens(top.values, top.indices, inputs.top1_probs())
-        rows = []
-        for state, seq, ids, probs in zip(inputs.states, inputs.contexts, top_ids, top_probs):
-            if state.index is None:
-                state.index = PromptIndex(seq.prompt_ids)
-            rows.append(lookup_features(state.index, seq.token_ids[-LOOKUP_MAX_N:], ids, probs))
+        _check_contexts(inputs)
+        top_ids, probs = top_tokens(top.values, top.indices, inputs.top1_probs())
+        rows = [_lookup_row(state, seq, ids, p) for state, seq, ids, p in zip(inputs.states, inputs.contexts, top_ids,
+                                                                                probs)]
         return torch.tensor(rows, device=inputs.logits.device)
 
     def _mlp_logits(self, inputs: RouterInputs, rows: list[int]) -> list[float]:
         """The MLP's logit at each of these rows, on the host."""
+        if len(rows) <= HOST_MAX_ROWS and self.model.host is not None and _host_readable(inputs, self.num_top):
+            return self._host_logits(inputs, rows)
         selected = inputs if len(rows) == len(inputs.states) else inputs.select(rows)
         return self.model(self.features(selected)).tolist()
+
+    def _host_logits(self, inputs: RouterInputs, rows: list[int]) -> list[float]:
+        """`_mlp_logits` computed on the host (_hostops.mlp: the same stack as the torch ops')."""
+        if self.model.prompt_lookup:
+            _check_contexts(inputs)
+        top1 = inputs.top1_probs() if self.model.prompt_lookup else None
+        return _hostops.mlp([self._host_features(inputs, i, top1) for i in rows], *self.model.host)
+
+    def _host_features(self, inputs: RouterInputs, row: int, top1: list[float] | None) -> list[float]:
+        """One row's features as router_features concatenates them (its hidden state, its proposed token's
+        embedding, its largest logits, and its prompt lookup from its top-1 probability `top1[row]`), on the host."""
+        model, logits = self.model, inputs.logits
+        ids, values = _hostops.top(_row_address(logits, row), 1, logits.shape[1], logits.stride(0), self.num_top)
+        features = inputs.hidden[row].tolist() + inputs.embedding[inputs.proposed_ids[row]].tolist()
+        features += values[0][:model.top_k]
+        if model.prompt_lookup:
+            probs = top_probs(values[0][:LOOKUP_TOP], top1[row])
+            features += _lookup_row(inputs.states[row], inputs.contexts[row], ids[0][:LOOKUP_TOP], probs)
+        return features
 
     def decide(self, inputs: RouterInputs) -> list[bool]:
         routed = [False] * len(inputs.states)
@@ -241,6 +277,33 @@ class NeuralRoute(Router):
             for i, z in zip(rows, self._mlp_logits(inputs, rows)):
                 routed[i] = z > self._logit_threshold  # sigmoid(z) > threshold
         return routed
+
+
+def _check_contexts(inputs: RouterInputs) -> None:
+    if inputs.contexts is None:
+        raise ValueError("this router looks its prompt up: its inputs must carry each row's sequence")
+
+
+def _lookup_row(state: "_LookupState", seq, ids: list[int], probs: list[float]) -> list[float]:
+    """One row's prompt lookup (its sequence's prompt indexed on first use) from its top tokens and their
+    probabilities."""
+    if state.index is None:
+        state.index = PromptIndex(seq.prompt_ids)
+    return lookup_features(state.index, seq.token_ids[-LOOKUP_MAX_N:], ids, probs)
+
+
+def _host_readable(inputs: RouterInputs, num_top: int) -> bool:
+    """The router's inputs can be read on the host: float32 logits on the CPU whose columns are contiguous (read
+    from memory) with at least num_top of them, the embedding table, and the proposed tokens as ints."""
+    logits = inputs.logits
+    return (inputs.proposed_ids is not None and inputs.embedding is not None and logits.is_cpu
+            and logits.dtype == torch.float32 and logits.stride(-1) == 1
+            and num_top <= min(_hostops.MAX_TOP, logits.shape[-1]))
+
+
+def _row_address(matrix: torch.Tensor, row: int) -> int:
+    """Where a float32 matrix's row starts in memory."""
+    return matrix.data_ptr() + 4 * row * matrix.stride(0)
 
 
 def _logit(p: float) -> float:

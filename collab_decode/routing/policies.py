@@ -31,6 +31,10 @@ class RouterInputs:
     contexts: list[Any] | None = None
     # each row's top-1 probability, top1_prob(logits) on the host, when the sampler computed it (Router.reads_top1)
     top1: list[float] | None = None
+    # what a router computing on the host reads (routing/neural.py): `proposed` as Python ints, and the (V, hidden)
+    # table `embed` looks rows up in, where the small model's backend has one (None: torch ops only)
+    proposed_ids: list[int] | None = None
+    embedding: torch.Tensor | None = None
 
     def select(self, rows: list[int]) -> "RouterInputs":
         """These rows only, in this order."""
@@ -38,7 +42,9 @@ class RouterInputs:
         return RouterInputs([self.states[i] for i in rows], self.logits[idx], self.hidden[idx], self.proposed[idx],
                             self.embed, None if self.row_max is None else self.row_max[idx],
                             None if self.contexts is None else [self.contexts[i] for i in rows],
-                            None if self.top1 is None else [self.top1[i] for i in rows])
+                            None if self.top1 is None else [self.top1[i] for i in rows],
+                            None if self.proposed_ids is None else [self.proposed_ids[i] for i in rows],
+                            self.embedding)
 
     def top1_probs(self) -> list[float]:
         """Each row's top-1 probability on the host: the sampler's where it computed it, else computed now."""

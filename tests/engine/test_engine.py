@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -367,3 +369,63 @@ def test_the_usual_decode_step_commits_what_the_general_step_would(pair, mid_ent
     decode_steps.clear()
     assert run() == served
     assert not decode_steps
+
+
+def test_the_work_on_the_host_writes_what_its_torch_ops_write(pair, mid_entropy, monkeypatch, tmp_path):
+    """The engine with greedy batches sampled and a neural router's few uncertain rows scored by
+    collab_decode/_hostops.c (as served on a CPU) and with the torch ops (another device, larger batches, or no C
+    compiler at install): the same tokens, writers, logprobs and finish reasons for every policy that reads the
+    sampler's tokens, row maxima or top-1 probabilities (gated routers, a neural router, speculative verification),
+    batched and alone."""
+    from collab_decode import sampling
+    from collab_decode.routing import neural
+    from collab_decode.routing.neural import RouterMLP, save_router
+
+    assert sampling._hostops is not None, "collab_decode._hostops was not built (make setup builds it)"
+    torch.manual_seed(0)
+    hidden_size = json.loads((pair[0] / "config.json").read_text())["hidden_size"]
+    save_router(tmp_path / "router", RouterMLP(hidden_size, top_k=8, width=16),
+                {"hidden_size": hidden_size, "top_k": 8, "width": 16, "num_layers": 2, "threshold": 0.5, "gate": 0.6})
+    policies = ["small", "large", f"entropy:{mid_entropy}", "confidence:0.6", "neural", "random:0.3",
+                f"step-entropy:{mid_entropy}", "speculative:3"]
+    greedy_logprobs = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
+
+    def run() -> list:
+        engine = make_engine(*pair, routers={"r": tmp_path / "router"})
+        out = []
+        for sampling_params in (GREEDY, greedy_logprobs):
+            for policy in policies:
+                out += engine.generate(PROMPTS, sampling_params, policy)
+                out += engine.generate(PROMPTS[:1], sampling_params, policy)
+        check_all_free(engine)
+        return [(r.token_ids, r.provenance, r.logprobs, r.finish_reason, r.stats) for r in out]
+
+    on_host = run()
+    assert {w for _, provenance, *_ in on_host for w in provenance} == {"small", "large"}
+    monkeypatch.setattr(sampling, "_hostops", None)
+    monkeypatch.setattr(neural, "HOST_MAX_ROWS", 0)
+    assert run() == on_host
+
+
+def test_the_demo_router_on_the_host_decides_what_its_torch_ops_decide(monkeypatch):
+    """The shipped router (prompt lookup, 100 top logits, a gate) on the demo pair, requests one at a time as at
+    batch 1 and batched: the same tokens and writers with its MLP and features computed on the host and with the
+    torch ops."""
+    from collab_decode.bench.workload import demo_workload
+    from collab_decode.demo import checkpoint_dir
+    from collab_decode.pairs import pair_routers
+    from collab_decode.routing import neural
+
+    engine = make_engine(checkpoint_dir("small"), checkpoint_dir("large"), routers=pair_routers("demo"))
+    workload = demo_workload(engine.tokenizer, 10)
+    prompts = [workload.request(i) for i in range(len(workload))]
+
+    def run() -> list:
+        results = [engine.generate([p], workload.sampling(), "neural:0.7")[0] for p in prompts[:6]]
+        results += engine.generate(prompts, workload.sampling(), "neural")
+        return [(r.token_ids, r.provenance) for r in results]
+
+    on_host = run()
+    assert sum(provenance.count("large") for _, provenance in on_host) > 10
+    monkeypatch.setattr(neural, "HOST_MAX_ROWS", 0)
+    assert run() == on_host

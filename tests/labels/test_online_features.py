@@ -18,25 +18,32 @@ from tests.labels.conftest import assert_blocks_free, label_run, pair_engine, wr
 TOP_K = 8
 
 
-def online_features(engine, prompt, routing, monkeypatch, max_tokens=24):
-    """Decode one prompt greedily under `routing`; every feature row the neural router computed, in order."""
+def online_features(engine, prompt, routing, monkeypatch, max_tokens=24, on_host=True):
+    """Decode one prompt greedily under `routing`; every feature row the neural router computed, in order: on the
+    host (NeuralRoute._host_features, as a CPU engine at batch 1 does) or with the torch ops (router_features)."""
     seen = []
-    real = neural.router_features
+    owner, name = (neural.NeuralRoute, "_host_features") if on_host else (neural, "router_features")
+    real = getattr(owner, name)
 
     def spy(*args, **kwargs):
         features = real(*args, **kwargs)
-        seen.append(features.clone())
+        seen.append(torch.tensor([features]) if on_host else features.clone())
         return features
 
-    monkeypatch.setattr(neural, "router_features", spy)
+    host_max_rows = neural.HOST_MAX_ROWS
+    monkeypatch.setattr(owner, name, spy)
+    monkeypatch.setattr(neural, "HOST_MAX_ROWS", host_max_rows if on_host else 0)
     out = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), routing)[0]
-    monkeypatch.setattr(neural, "router_features", real)
+    monkeypatch.setattr(owner, name, real)
+    monkeypatch.setattr(neural, "HOST_MAX_ROWS", host_max_rows)
     return out, torch.cat(seen)
 
 
+@pytest.mark.parametrize("on_host", [True, False])
 @pytest.mark.parametrize("lookup", [False, True])
-def test_pipeline_features_equal_the_online_routers(tmp_path, pair, monkeypatch, lookup):
-    """With the prompt lookup, the online router's last LOOKUP_SIZE columns are the pipeline's `lookup` rows."""
+def test_pipeline_features_equal_the_online_routers(tmp_path, pair, monkeypatch, lookup, on_host):
+    """With the prompt lookup, the online router's last LOOKUP_SIZE columns are the pipeline's `lookup` rows. The
+    online features computed on the host (batch 1 on a CPU) and with the torch ops."""
     torch.manual_seed(0)
     save_router(tmp_path / "router", RouterMLP(32, TOP_K, width=16, prompt_lookup=lookup),
                 {"hidden_size": 32, "top_k": TOP_K, "width": 16, "num_layers": 2, "threshold": 0.5,
@@ -45,10 +52,11 @@ def test_pipeline_features_equal_the_online_routers(tmp_path, pair, monkeypatch,
     text = "Ann has 352 marbles. How many marbles does Ann have? Ann has 352 marbles and 35 more."
     prompt = engine.tokenizer(text, add_special_tokens=True)["input_ids"]
     # a threshold at the median score routes about half the tokens: the trace mixes small and large tokens
-    _, scores_run = online_features(engine, prompt, "neural:r:1.0", monkeypatch)
+    _, scores_run = online_features(engine, prompt, "neural:r:1.0", monkeypatch, on_host=on_host)
     with torch.no_grad():
         scores = torch.sigmoid(engine.router_context.routers["r"].model(scores_run))
-    out, online = online_features(engine, prompt, f"neural:r:{float(scores.median()):.6f}", monkeypatch)
+    out, online = online_features(engine, prompt, f"neural:r:{float(scores.median()):.6f}", monkeypatch,
+                                  on_host=on_host)
     assert {"small", "large"} <= set(out.provenance), out.provenance
 
     trace = Trace(0, prompt, out.token_ids, out.finish_reason)

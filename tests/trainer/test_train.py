@@ -253,3 +253,74 @@ def test_training_learns_a_lookup_rule_and_the_checkpoint_keeps_it(tmp_path):
     loaded = load_router(tmp_path / "r", HIDDEN)
     assert loaded.model.prompt_lookup and loaded.frozen.prompt_lookup
     torch.testing.assert_close(loaded.model(x[:9]), model(x[:9]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("prompt_lookup", [False, True])
+def test_the_router_on_the_host_computes_what_its_torch_ops_compute(num_layers, prompt_lookup, monkeypatch):
+    """NeuralRoute's MLP at a few rows computed on the host (collab_decode/_hostops.c: each row's features read from
+    the tensors' memory, the stack in C) equals the torch ops' (router_features, FrozenRouterMLP) to float rounding,
+    at any depth, with and without the prompt lookup, on rows picked out of a batch whose logits are a view (a
+    padded vocabulary cut off); and decides the same, at a threshold that splits the rows."""
+    from types import SimpleNamespace
+
+    from collab_decode.routing import neural
+    from collab_decode.routing.neural import LoadedRouter, NeuralRoute, RouterMLP
+    from collab_decode.routing.policies import RouterInputs, top1_prob
+
+    assert neural._hostops is not None, "collab_decode._hostops was not built (make setup builds it)"
+    torch.manual_seed(num_layers)
+    model = RouterMLP(HIDDEN, TOP_K, width=24, num_layers=num_layers, prompt_lookup=prompt_lookup)
+    model = model.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    vocab, rows = 30, 6
+    logits = (torch.randn(rows, vocab + 2, generator=g) * 3)[:, :vocab]
+    table, hidden = torch.randn(vocab, HIDDEN, generator=g), torch.randn(rows, HIDDEN, generator=g)
+    proposed = logits.argmax(-1)
+    prompts = [torch.randint(0, vocab, (12,), generator=g).tolist() for _ in range(rows)]
+    contexts = [SimpleNamespace(prompt_ids=p, token_ids=p + p[3:7]) for p in prompts]  # the prompt continues them
+
+    def inputs_for(router):
+        return RouterInputs([router.new_state() for _ in range(rows)], logits, hidden, proposed, lambda ids: table[ids],
+                            contexts=contexts, top1=top1_prob(logits).tolist(), proposed_ids=proposed.tolist(),
+                            embedding=table)
+
+    router = NeuralRoute(LoadedRouter(model, {"threshold": 0.5}))
+    inputs = inputs_for(router)
+    for chosen in ([0], [1, 4], [0, 2, 3, 5]):
+        with_torch = router.model(router.features(inputs.select(chosen))).tolist()
+        assert router._host_logits(inputs, chosen) == pytest.approx(with_torch, rel=1e-5, abs=1e-5)
+    z = sorted(router.model(router.features(inputs)).tolist())
+    threshold = 1 / (1 + math.exp(-(z[2] + z[3]) / 2))  # halfway between two rows' logits: three route, three not
+    router = NeuralRoute(LoadedRouter(model, {"threshold": threshold}))
+    on_host = router.decide(inputs_for(router))
+    monkeypatch.setattr(neural, "HOST_MAX_ROWS", 0)
+    assert router.decide(inputs_for(router)) == on_host and sum(on_host) == 3
+
+
+def test_the_hosts_top_logits_and_mlp_refuse_what_they_cannot_read():
+    """_hostops.top: each row's largest logits, descending, as torch.topk (the lower id first among equal ones);
+    _hostops.mlp: a row that is not the input's width, or a stack that does not chain, is an error, not a read past
+    what it was given."""
+    from collab_decode.routing.neural import _hostops
+
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(1))
+    logits[1, :30] = -math.inf
+    logits[2, [3, 9, 20]] = 5.0  # a three-way tie at the top
+    ids, values = _hostops.top(logits.data_ptr(), 4, 40, 40, 7)
+    expected = torch.topk(logits, 7, dim=-1)
+    assert values == expected.values.tolist()
+    assert ids[2][:3] == [3, 9, 20]
+    assert [ids[r] for r in (0, 1, 3)] == expected.indices[[0, 1, 3]].tolist()
+    with pytest.raises(ValueError, match="k must be"):
+        _hostops.top(logits.data_ptr(), 4, 40, 40, 41)
+    weight, bias = torch.ones(3), torch.zeros(3)
+    layer_w, layer_b = torch.ones(3, 1), torch.zeros(1)
+    norm, layers = (weight.data_ptr(), bias.data_ptr(), 1e-5, 3), [(layer_w.data_ptr(), layer_b.data_ptr(), 3, 1)]
+    assert _hostops.mlp([[1.0, 2.0, 3.0]], norm, layers) == pytest.approx([0.0], abs=1e-6)  # normalised: sum 0
+    with pytest.raises(ValueError, match="has 2 features, the input 3"):
+        _hostops.mlp([[1.0, 2.0]], norm, layers)
+    with pytest.raises(TypeError, match="a row is a list"):
+        _hostops.mlp([(1.0, 2.0, 3.0)], norm, layers)
+    with pytest.raises(ValueError, match="input is not the width before it"):
+        _hostops.mlp([[1.0, 2.0, 3.0]], norm, [(layer_w.data_ptr(), layer_b.data_ptr(), 2, 1)])

@@ -27,6 +27,8 @@ POLICIES = "collab_decode/routing/policies.py"
 SCHEDULER = "collab_decode/engine/scheduler.py"
 SPECULATIVE = "collab_decode/engine/speculative.py"
 SAMPLING = "collab_decode/sampling.py"
+NEURAL = "collab_decode/routing/neural.py"
+TRAIN_TESTS = "tests/trainer/test_train.py"
 REFERENCE = "tests/engine/test_reference.py"
 SCHED_TESTS = "tests/engine/test_scheduler.py"
 ENGINE_TESTS = "tests/engine/test_engine.py"
@@ -61,6 +63,31 @@ MUTATIONS: list[Mutation] = [
     Mutation("greedy-top1-near-tie", "sampling", SAMPLING,
              "if not all(p > clear for p in top1_probs):", "if not all(p == p for p in top1_probs):",
              (SAMPLING_TESTS,), "greedy tokens taken from the softmax's max at a near-tie (not the largest logit)"),
+    Mutation("host-greedy-row-stride", "sampling", SAMPLING,
+             "logits.shape[1],\n                                                    logits.stride(0), top1)",
+             "logits.shape[1],\n                                                    logits.shape[1], top1)",
+             (SAMPLING_TESTS,), "the host sampler reads a padded vocabulary's rows as if they were contiguous"),
+    Mutation("host-greedy-columns-strided", "sampling", SAMPLING,
+             "    if logits.stride(-1) != 1:", "    if False:",
+             (SAMPLING_TESTS,), "the host sampler handed logits whose columns are not contiguous"),
+    Mutation("host-greedy-no-finite-check", "isolation", SAMPLING,
+             "_token_id_list=token_ids, _row_max_list=row_max)", "_token_id_list=token_ids)",
+             (SAMPLING_TESTS, ISOLATION_TESTS), "NaN logits sampled on the host give a token instead of failing"),
+    Mutation("host-greedy-drops-logprobs", "sampling", SAMPLING,
+             "    if all(p.logprobs is None for p in params):\n        return SampleOutput.on_host(",
+             "    if True:\n        return SampleOutput.on_host(",
+             (SAMPLING_TESTS, ENGINE_TESTS), "a greedy request that asked for logprobs gets none on the host path"),
+    Mutation("router-host-features-swapped", "routing", NEURAL,
+             "features = inputs.hidden[row].tolist() + inputs.embedding[inputs.proposed_ids[row]].tolist()",
+             "features = inputs.embedding[inputs.proposed_ids[row]].tolist() + inputs.hidden[row].tolist()",
+             (TRAIN_TESTS,), "the host router reads the embedding where the hidden state belongs (and back)"),
+    Mutation("router-host-first-row", "routing", NEURAL,
+             "features = inputs.hidden[row].tolist() +", "features = inputs.hidden[0].tolist() +",
+             (TRAIN_TESTS,), "the host router reads the batch's first hidden state for every row"),
+    Mutation("router-host-lookup-probs", "routing", NEURAL,
+             "probs = top_probs(values[0][:LOOKUP_TOP], top1[row])",
+             "probs = top_probs(values[0][:LOOKUP_TOP], top1[0])",
+             (TRAIN_TESTS,), "the host router's prompt lookup weighs every row's top tokens with the first row's"),
     Mutation("random-flipped", "routing", POLICIES,
              "return torch.tensor(draws) < self.p", "return torch.tensor(draws) >= self.p",
              (REFERENCE,), "random routing at 1 - p instead of p"),
@@ -352,7 +379,8 @@ MUTATIONS: list[Mutation] = [
              ("tests/trainer/test_train.py",), "the serving MLP folds GELU's 1 / sqrt(2) into the Linear before it "
                                                "but not into the one after: every routing score is off"),
     Mutation("lookup-probs-relative-to-top1", "routing", "collab_decode/routing/features.py",
-             "[[p1 * math.exp(v - row[0]) for v in row]", "[[math.exp(v - row[0]) for v in row]",
+             "[top1_prob * math.exp(v - top_logits[0]) for v in top_logits]",
+             "[math.exp(v - top_logits[0]) for v in top_logits]",
              ("tests/trainer/test_train.py",), "the lookup's probabilities are taken relative to the top-1's (the "
                                                "pipeline and the router would agree on the wrong value)"),
     Mutation("gate-spares-every-step", "routing", ENGINE,

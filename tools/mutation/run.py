@@ -29,10 +29,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def copy_repo(dest: Path) -> None:
-    """Tracked and untracked-but-not-ignored files (no virtualenv, no caches)."""
+    """Tracked and untracked-but-not-ignored files (no virtualenv, no caches), and the C modules built in place
+    (collab_decode/_hostops.c's: make setup builds them; the copy's tests use them as the checkout's do)."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
                             capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
+    built = [str(p.relative_to(ROOT)) for p in (ROOT / "collab_decode").glob("*.so")]
+    for name in filter(None, listed + built):
         src = ROOT / name
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
