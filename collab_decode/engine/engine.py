@@ -44,11 +44,11 @@ from collab_decode.engine.config import EngineConfig
 from collab_decode.engine.large_step import LargeStep
 from collab_decode.engine.output import (Generation, OutputProcessor, Proposal, RequestOutput, internal_error,
                                          nonfinite_error)
-from collab_decode.engine.route_step import SmallView, route
+from collab_decode.engine.route_step import SmallView, asks_router, route
 from collab_decode.engine.runner import ModelRunner, StepTimes
 from collab_decode.engine.scheduler import Scheduler, ScheduleOutput
 from collab_decode.engine.sequence import LARGE, SMALL, Sequence
-from collab_decode.engine.speculative import speculative_step
+from collab_decode.engine.speculative import speculative_step, split_speculative
 from collab_decode.kvcache import KVCacheManager
 from collab_decode.routing import Router, RouterContext, RouterInputs, RoutingSpec, build_router, parse_routing
 from collab_decode.routing.neural import load_router
@@ -193,7 +193,7 @@ class Engine:
         if plan.decodes_only:
             outputs = self.decode(plan.seqs)  # the usual step: one token each, nothing else to schedule
         else:
-            token_plan, spec_seqs = self.split_speculative(plan)
+            token_plan, spec_seqs = split_speculative(plan)
             proposals, small_view = self.run_small(token_plan)  # seq_id -> proposed token; the small model's view
             outputs = self.route_and_commit(proposals, small_view)
             if spec_seqs:
@@ -202,18 +202,6 @@ class Engine:
         return outputs
 
     # ---- step parts -----------------------------------------------------------------------------
-    def split_speculative(self, plan: ScheduleOutput) -> tuple[ScheduleOutput, list[Sequence]]:
-        """Speculative sequences whose chunk reaches their last token draft and verify this step; those
-        still prefilling a long prompt stay with the token-level batch, which runs their chunk (within
-        the step's token budget) and proposes nothing for them."""
-        if not any(s.mode == "speculative" for s in plan.seqs):
-            return plan, []
-        drafting = [s.mode == "speculative" and done for s, done in zip(plan.seqs, plan.sampled())]
-        keep = [i for i, d in enumerate(drafting) if not d]
-        spec = [s for s, d in zip(plan.seqs, drafting) if d]
-        token_plan = ScheduleOutput([plan.seqs[i] for i in keep], [plan.num_new_tokens[i] for i in keep])
-        return token_plan, spec
-
     def run_small(self, plan: ScheduleOutput) -> tuple[dict[int, Proposal], SmallView | None]:
         """Small forward over every scheduled chunk; sample proposals where a sequence reached its end.
         Also returns what the small model saw at those sequences' last positions, for the routers."""
@@ -248,10 +236,10 @@ class Engine:
         for j, seq in enumerate(seqs):
             proposals[seq.seq_id] = Proposal(seq, sample=sample, row=j,
                                              error=nonfinite_error(SMALL) if j in nonfinite else None)
-        if not _asks_router(seqs, sample.top1_probs):  # route() needs no view
+        if not asks_router(seqs, sample.top1_probs):  # route() needs no view
             return proposals, None
         small = self.backends[SMALL]
-        inputs = RouterInputs([s.router_state for s in seqs], logits, hidden, sample.token_ids, small.embed,
+        inputs = RouterInputs([s.router_state for s in seqs], logits, hidden, sample.token_tensor, small.embed,
                               sample.row_max, seqs, sample.top1_probs, sample.token_id_list,
                               getattr(small, "embedding", None))
         return proposals, SmallView(seqs, inputs)
@@ -268,7 +256,7 @@ class Engine:
         out = self.runner.forward_last(SMALL, seqs)
         logits = self.runner.vocab_logits(out.logits)
         sample = self.sample_small(seqs, logits)
-        if sample.nonfinite_rows or _asks_router(seqs, sample.top1_probs):
+        if sample.nonfinite_rows or asks_router(seqs, sample.top1_probs):
             return self.route_and_commit(*self.propose(seqs, logits, out.hidden, {}, sample))
         ids = sample.token_id_list
         return [self._commit_token(seq, ids[j], SMALL, sample, j) for j, seq in enumerate(seqs)]
@@ -341,15 +329,3 @@ class Engine:
             print()
         return [results[i] for i in ids]
 
-
-def _asks_router(seqs: list[Sequence], top1_probs: list[float] | None) -> bool:
-    """Some row's router must be asked about its token (none under `small`; none where every row is sure)."""
-    return any(s.uses_large for s in seqs) and not _all_sure(seqs, top1_probs)
-
-
-def _all_sure(seqs: list[Sequence], top1_probs: list[float] | None) -> bool:
-    """Every row's top-1 probability (the sampler's) reaches its sequence's gate, where its router routes nothing,
-    or its sequence never uses the large model (`small` in a mixed batch): the step needs no routing call (at
-    batch 1, most steps of a gated router; NaN reaches nothing)."""
-    return top1_probs is not None and all(p >= s.gate if s.gate is not None else not s.uses_large
-                                          for s, p in zip(seqs, top1_probs))

@@ -1,6 +1,8 @@
 """Routing in a token step: each distinct router asked once, batched, about the positions the small model just
 proposed; a router that raises fails only the requests it raises on.
 
+    asks_router(seqs, top1_probs) -> whether any row's router must be asked at all (a gated router's sure rows
+                                     and `small` need none: the step commits the small model's tokens at once)
     route(proposals, view, times) -> the sequences whose token the large model writes this step
       decide(router, inputs, rows)   one batched call (each row alone if the batch raises)
 """
@@ -78,3 +80,16 @@ def decide(router: Router, inputs: RouterInputs, rows: list[int]) -> dict[int, b
 def _as_list(decisions) -> list[bool]:
     """A router's decisions (a bool tensor, or a list of bools) as a list."""
     return decisions.tolist() if isinstance(decisions, torch.Tensor) else list(decisions)
+
+
+def asks_router(seqs: list[Sequence], top1_probs: list[float] | None) -> bool:
+    """Some row's router must be asked about its token (none under `small`; none where every row is sure)."""
+    return any(s.uses_large for s in seqs) and not _all_sure(seqs, top1_probs)
+
+
+def _all_sure(seqs: list[Sequence], top1_probs: list[float] | None) -> bool:
+    """Every row's top-1 probability (the sampler's) reaches its sequence's gate, where its router routes nothing,
+    or its sequence never uses the large model (`small` in a mixed batch): the step needs no routing call (at
+    batch 1, most steps of a gated router; NaN reaches nothing)."""
+    return top1_probs is not None and all(p >= s.gate if s.gate is not None else not s.uses_large
+                                          for s, p in zip(seqs, top1_probs))

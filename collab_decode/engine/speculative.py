@@ -19,11 +19,24 @@ import torch
 from collab_decode.backends.base import BackendError
 from collab_decode.engine.output import OutputProcessor, RequestOutput, internal_error, nonfinite_error, upstream_error
 from collab_decode.engine.runner import ModelRunner
-from collab_decode.engine.scheduler import Scheduler
+from collab_decode.engine.scheduler import Scheduler, ScheduleOutput
 from collab_decode.engine.sequence import LARGE, SMALL, Sequence, Status
 from collab_decode.sampling import logprobs_of, nonfinite_rows, processed_probs
 
 log = logging.getLogger(__name__)
+
+
+def split_speculative(plan: ScheduleOutput) -> tuple[ScheduleOutput, list[Sequence]]:
+    """Speculative sequences whose chunk reaches their last token draft and verify this step; those
+    still prefilling a long prompt stay with the token-level batch, which runs their chunk (within
+    the step's token budget) and proposes nothing for them."""
+    if not any(s.mode == "speculative" for s in plan.seqs):
+        return plan, []
+    drafting = [s.mode == "speculative" and done for s, done in zip(plan.seqs, plan.sampled())]
+    keep = [i for i, d in enumerate(drafting) if not d]
+    spec = [s for s, d in zip(plan.seqs, drafting) if d]
+    token_plan = ScheduleOutput([plan.seqs[i] for i in keep], [plan.num_new_tokens[i] for i in keep])
+    return token_plan, spec
 
 
 def _draft_lengths(seqs: list[Sequence], max_len: int) -> list[int]:

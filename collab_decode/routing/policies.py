@@ -24,17 +24,26 @@ class RouterInputs:
     states: list[Any]  # each row's router state (Router.new_state)
     logits: torch.Tensor  # (B, V) raw small-model logits
     hidden: torch.Tensor  # (B, hidden) small model's last-layer hidden state at that position
-    proposed: torch.Tensor  # (B,) int64 token the small model sampled
+    # (B,) int64 token the small model sampled; None: made from proposed_ids when read (`proposed`): most routers
+    # never read it, and at batch 1 making a tensor costs more than the list it comes from
+    proposed_tensor: torch.Tensor | None
     embed: Callable[[torch.Tensor], torch.Tensor]  # token ids (B,) -> small-model input embeddings (B, hidden)
     row_max: torch.Tensor | None = None  # (B,) each row's largest logit (the sampler's), None: not known
     # each row's sequence, read-only: its prompt_ids and token_ids so far (a router that looks the prompt up)
     contexts: list[Any] | None = None
     # each row's top-1 probability, top1_prob(logits) on the host, when the sampler computed it (Router.reads_top1)
     top1: list[float] | None = None
-    # what a router computing on the host reads (routing/neural.py): `proposed` as Python ints, and the (V, hidden)
-    # table `embed` looks rows up in, where the small model's backend has one (None: torch ops only)
+    # `proposed` as Python ints (None: read from proposed_tensor where needed), and the (V, hidden) table `embed`
+    # looks rows up in, where the small model's backend has one (None: a router computing on the host cannot)
     proposed_ids: list[int] | None = None
     embedding: torch.Tensor | None = None
+
+    @property
+    def proposed(self) -> torch.Tensor:
+        """(B,) int64 token the small model sampled."""
+        if self.proposed_tensor is None:
+            self.proposed_tensor = torch.tensor(self.proposed_ids, device=self.logits.device)
+        return self.proposed_tensor
 
     def select(self, rows: list[int]) -> "RouterInputs":
         """These rows only, in this order."""

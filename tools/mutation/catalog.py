@@ -99,11 +99,11 @@ MUTATIONS: list[Mutation] = [
              (REFERENCE,), "step-level routing decides at every token (steps never last)"),
     # ---- the usual step (Scheduler.decodes -> Engine.decode) -------------------------------------------
     Mutation("decode-commits-without-routing", "routing", ENGINE,
-             "if sample.nonfinite_rows or _asks_router(seqs, sample.top1_probs):", "if sample.nonfinite_rows:",
+             "if sample.nonfinite_rows or asks_router(seqs, sample.top1_probs):", "if sample.nonfinite_rows:",
              (ENGINE_TESTS,), "the usual step commits the small model's tokens without asking the routers"),
     Mutation("decode-commits-nonfinite-rows", "isolation", ENGINE,
-             "if sample.nonfinite_rows or _asks_router(seqs, sample.top1_probs):",
-             "if _asks_router(seqs, sample.top1_probs):",
+             "if sample.nonfinite_rows or asks_router(seqs, sample.top1_probs):",
+             "if asks_router(seqs, sample.top1_probs):",
              (ISOLATION_TESTS,), "a NaN row of the usual step is committed instead of failing its request"),
     Mutation("decodes-past-the-last-block", "scheduler", SCHEDULER,
              "or seq.needs_prompt_logprobs or not small.holds(seq.seq_id, num_tokens)):",
@@ -383,11 +383,11 @@ MUTATIONS: list[Mutation] = [
              "[math.exp(v - top_logits[0]) for v in top_logits]",
              ("tests/trainer/test_train.py",), "the lookup's probabilities are taken relative to the top-1's (the "
                                                "pipeline and the router would agree on the wrong value)"),
-    Mutation("gate-spares-every-step", "routing", ENGINE,
+    Mutation("gate-spares-every-step", "routing", ROUTE_STEP,
              "p >= s.gate if s.gate is not None else not s.uses_large", "p >= 0.0 if s.gate is not None else True",
              ("tests/engine/test_routing.py",), "the engine skips a gated router on every step, not only where "
                                                 "every row reaches its gate: nothing is ever routed"),
-    Mutation("gate-sure-rows-routed", "routing", ENGINE,
+    Mutation("gate-sure-rows-routed", "routing", ROUTE_STEP,
              "p >= s.gate if s.gate is not None else not s.uses_large", "p >= s.gate if s.gate is not None else False",
              ("tests/engine/test_routing.py",), "a `small` row in a batch keeps the gated routers asked at every "
                                                 "step (no decision changes; the gate spares nothing there)"),
