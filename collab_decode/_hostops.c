@@ -1,7 +1,9 @@
-/* The per-step work around the models that is too small for torch ops, in C: the greedy sampler's reductions and
-   the neural router's top logits and MLP, over a few rows of float32 memory (CPU tensors' data_ptr).
+/* The per-step work around the models that is too small for torch ops, in C: the greedy sampler's reductions, the
+   entropy routers' entropy, and the neural router's top logits and MLP, over a few rows of float32 memory (CPU
+   tensors' data_ptr).
 
    greedy(address, rows, cols, row_stride, top1) -> (token ids, row maxima, top-1 probabilities or None)
+   entropy(address, rows, cols, row_stride)      -> each row's softmax entropy (the entropy routers')
    top(address, rows, cols, row_stride, k)       -> (ids, values): each row's k largest logits, descending
    mlp(rows, norm, layers)                       -> one output per row of a LayerNorm-then-Linear/GELU stack
                                                     (rows: lists of numbers; the stack's weights: addresses)
@@ -10,7 +12,8 @@
 
    Why: at batch 1 on a CPU each torch op costs ~5-10 us right after a model's forward (its code and data are out
    of the caches) whatever its arithmetic, and a step's sampler and router are a dozen such ops on a few hundred
-   numbers. collab_decode/sampling.py and collab_decode/routing/neural.py call these for a few rows on the CPU and
+   numbers. collab_decode/sampling.py and collab_decode/routing (policies.py, neural.py) call these for a few rows on
+   the CPU and
    keep the torch ops for larger batches, other devices, and installs without this module (no C compiler). */
 
 #define PY_SSIZE_T_CLEAN
@@ -114,6 +117,48 @@ fail:
     Py_XDECREF(maxima);
     Py_XDECREF(probs);
     return NULL;
+}
+
+/* ---- entropy ------------------------------------------------------------------------------------------------ */
+
+/* entropy(address, rows, cols, row_stride): each row's softmax entropy in nats, log(S) - sum(e (x - max)) / S with
+   e = exp(x - max) and S = sum(e), terms of probability 0 (a -inf logit) counted as 0; NaN for a row holding NaN or
+   +inf, or nothing finite. A list. */
+static PyObject *entropy(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "entropy(address, rows, cols, row_stride) takes 4 arguments");
+        return NULL;
+    }
+    const float *base;
+    Py_ssize_t rows, cols, stride;
+    if (parse_matrix(args, &base, &rows, &cols, &stride) < 0)
+        return NULL;
+    PyObject *out = PyList_New(rows);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *x = base + r * stride;
+        Py_ssize_t index;
+        float best = row_max(x, cols, &index);
+        double h = NAN;
+        if (isfinite(best)) {
+            double sum = 0.0, weighted = 0.0;
+            for (Py_ssize_t j = 0; j < cols; j++) {
+                float d = x[j] - best, e = expf(d);
+                sum += e;
+                if (e > 0.0f)
+                    weighted += (double)e * d;
+            }
+            h = log(sum) - weighted / sum;
+        }
+        PyObject *value = PyFloat_FromDouble(h);
+        if (value == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, r, value);
+    }
+    return out;
 }
 
 /* ---- top ---------------------------------------------------------------------------------------------------- */
@@ -335,6 +380,8 @@ fail:
 static PyMethodDef methods[] = {
     {"greedy", (PyCFunction)(void (*)(void))greedy, METH_FASTCALL,
      "greedy(address, rows, cols, row_stride, top1) -> (ids, row maxima, top-1 probabilities or None)"},
+    {"entropy", (PyCFunction)(void (*)(void))entropy, METH_FASTCALL,
+     "entropy(address, rows, cols, row_stride) -> each row's softmax entropy in nats"},
     {"top", (PyCFunction)(void (*)(void))top, METH_FASTCALL,
      "top(address, rows, cols, row_stride, k) -> (ids, values): each row's k largest, descending"},
     {"mlp", (PyCFunction)(void (*)(void))mlp, METH_FASTCALL,

@@ -1,5 +1,5 @@
 """The per-step work done on the host (collab_decode/_hostops.c) against its torch ops, right after a forward, by
-batch: the greedy sampler, and the demo neural router's MLP over its features.
+batch: the greedy sampler, the entropy routers' entropy, and the demo neural router's MLP over its features.
 
     .venv/bin/python tools/host_ops.py [--batches 1 2 4 8 16 32 64] [--steps 2000]
 
@@ -7,10 +7,12 @@ Each step runs the demo small model's decode forward over B sequences (what prec
 an engine step: its code and data are what their ops find in the caches), then times one call of the part measured
 on those logits and hidden states, on the host and with the torch ops, in turn:
 - sampler: `Sampler.sample`, greedy, with the top-1 probabilities a gated router reads and without;
+- entropy: each row's entropy on the host (`row_entropies`, what the entropy routers decide from);
 - router: the shipped router's MLP logits (`NeuralRoute._mlp_logits`: its top logits, prompt lookup, embedding
   row and MLP) at every row.
 Prints the median microseconds of each by B: where the host stops paying is HOST_GREEDY_MAX_ROWS
-(collab_decode/sampling.py) and HOST_MAX_ROWS (collab_decode/routing/neural.py).
+(collab_decode/sampling.py), HOST_ENTROPY_MAX_ROWS (collab_decode/routing/policies.py) and HOST_MAX_ROWS
+(collab_decode/routing/neural.py).
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ from collab_decode.demo import checkpoint_dir
 from collab_decode.engine.config import EngineConfig
 from collab_decode.engine.loading import build_engine
 from collab_decode.pairs import pair_routers
-from collab_decode.routing import RouterInputs, neural, parse_routing
+from collab_decode.routing import RouterInputs, neural, parse_routing, policies
 from collab_decode.serve.cli import default_threads
 
 PROMPT_LEN = 40
-KINDS = ("sampler", "sampler+top1", "router")
+KINDS = ("sampler", "sampler+top1", "entropy", "router")
 
 
 def measure(kind: str, on_host: bool, out, router, sampler, contexts: list, greedy) -> float:
@@ -40,8 +42,12 @@ def measure(kind: str, on_host: bool, out, router, sampler, contexts: list, gree
     batch = len(contexts)
     sampling._hostops = HOST if on_host else None
     neural.HOST_MAX_ROWS = 1 << 20 if on_host else 0
+    policies.HOST_ENTROPY_MAX_ROWS = 1 << 20 if on_host else 0
     try:
-        if kind == "router":
+        if kind == "entropy":
+            t0 = time.perf_counter()
+            policies.row_entropies(out.logits)
+        elif kind == "router":
             ids = out.logits.argmax(-1)
             inputs = RouterInputs([c.state for c in contexts], out.logits, out.hidden, ids, router.embed,
                                   contexts=contexts, top1=[0.5] * batch, proposed_ids=ids.tolist(),
@@ -53,10 +59,10 @@ def measure(kind: str, on_host: bool, out, router, sampler, contexts: list, gree
             sampler.sample(out.logits, [greedy] * batch, [None] * batch, kind == "sampler+top1")
         return time.perf_counter() - t0
     finally:
-        sampling._hostops, neural.HOST_MAX_ROWS = HOST, HOST_MAX_ROWS
+        sampling._hostops, neural.HOST_MAX_ROWS, policies.HOST_ENTROPY_MAX_ROWS = HOST, HOST_MAX_ROWS, ENTROPY_MAX_ROWS
 
 
-HOST, HOST_MAX_ROWS = sampling._hostops, neural.HOST_MAX_ROWS
+HOST, HOST_MAX_ROWS, ENTROPY_MAX_ROWS = sampling._hostops, neural.HOST_MAX_ROWS, policies.HOST_ENTROPY_MAX_ROWS
 
 
 def main() -> None:
@@ -72,7 +78,8 @@ def main() -> None:
     router = SimpleNamespace(route=engine.router_for(parse_routing("neural:0.7")), embed=backend.embed,
                              embedding=backend.embedding)
     greedy = sampling.SamplingParams(temperature=0)
-    print(f"torch threads {torch.get_num_threads()}; us per call after a forward (median of {args.steps // 6} "
+    print(f"torch threads {torch.get_num_threads()}; us per call after a forward (median of "
+          f"{args.steps // (2 * len(KINDS))} "
           f"each)\n{'B':>4} " + " ".join(f"{k + ' ' + w:>18}" for k in KINDS for w in ("host", "torch")))
     with torch.inference_mode():
         for batch in args.batches:
@@ -87,7 +94,7 @@ def main() -> None:
             backend.forward(ModelInput([SeqChunk(s, prompt, 0, t) for s, t in zip(ids, tables)]))
             times: dict[tuple[str, bool], list[float]] = {}
             for step in range(args.steps):
-                kind, on_host = KINDS[step % 3], step % 6 < 3
+                kind, on_host = KINDS[step % len(KINDS)], step % (2 * len(KINDS)) < len(KINDS)
                 token = 5 + step % 100
                 out = backend.forward(ModelInput([SeqChunk(s, [token], PROMPT_LEN + step, t)
                                                   for s, t in zip(ids, tables)]))

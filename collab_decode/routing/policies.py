@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from collab_decode.sampling import _hostops
+
 
 @dataclass
 class RouterInputs:
@@ -95,9 +97,24 @@ class Router:
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """(B, V) logits -> (B,) entropy in nats of softmax(logits)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    """(B, V) logits -> (B,) entropy in nats of softmax(logits). A -inf logit (probability 0) adds 0: its log
+    probability is clamped to the float32 minimum first, where 0 * -inf would make the row's entropy NaN."""
+    logp = torch.log_softmax(logits.float(), dim=-1).clamp_min_(torch.finfo(torch.float32).min)
     return -torch.linalg.vecdot(logp.exp(), logp)  # one op for the sum of products (at batch 1 ops cost most)
+
+
+# Up to this many rows on the CPU the entropy routers take each row's entropy from one call of _hostops.entropy
+# (collab_decode/_hostops.c: a C loop a row) instead of three torch ops (measured: tools/host_ops.py)
+HOST_ENTROPY_MAX_ROWS = 32
+
+
+def row_entropies(logits: torch.Tensor) -> list[float]:
+    """(B, V) logits -> each row's entropy in nats on the host: computed there for a few float32 rows on the CPU,
+    else `entropy`'s torch ops and a host copy."""
+    if (_hostops is not None and logits.shape[0] <= HOST_ENTROPY_MAX_ROWS and logits.is_cpu
+            and logits.dtype == torch.float32 and logits.stride(-1) == 1):
+        return _hostops.entropy(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0))
+    return entropy(logits).tolist()
 
 
 def top1_prob(logits: torch.Tensor) -> torch.Tensor:
@@ -145,7 +162,7 @@ class EntropyRoute(Router):
         self.t = t
 
     def decide(self, inputs: RouterInputs) -> list[bool]:
-        return [h > self.t for h in entropy(inputs.logits).tolist()]
+        return [h > self.t for h in row_entropies(inputs.logits)]
 
 
 class ConfidenceRoute(Router):

@@ -372,13 +372,14 @@ def test_the_usual_decode_step_commits_what_the_general_step_would(pair, mid_ent
 
 
 def test_the_work_on_the_host_writes_what_its_torch_ops_write(pair, mid_entropy, monkeypatch, tmp_path):
-    """The engine with greedy batches sampled and a neural router's few uncertain rows scored by
+    """The engine with greedy batches sampled, entropies taken and a neural router's few uncertain rows scored by
     collab_decode/_hostops.c (as served on a CPU) and with the torch ops (another device, larger batches, or no C
     compiler at install): the same tokens, writers, logprobs and finish reasons for every policy that reads the
     sampler's tokens, row maxima or top-1 probabilities (gated routers, a neural router, speculative verification),
     batched and alone."""
     from collab_decode import sampling
     from collab_decode.routing import neural
+    from collab_decode.routing import policies as routing_policies
     from collab_decode.routing.neural import RouterMLP, save_router
 
     assert sampling._hostops is not None, "collab_decode._hostops was not built (make setup builds it)"
@@ -404,6 +405,7 @@ def test_the_work_on_the_host_writes_what_its_torch_ops_write(pair, mid_entropy,
     assert {w for _, provenance, *_ in on_host for w in provenance} == {"small", "large"}
     monkeypatch.setattr(sampling, "_hostops", None)
     monkeypatch.setattr(neural, "HOST_MAX_ROWS", 0)
+    monkeypatch.setattr(routing_policies, "HOST_ENTROPY_MAX_ROWS", 0)
     assert run() == on_host
 
 

@@ -238,3 +238,31 @@ def test_a_gated_router_is_not_asked_where_every_row_reaches_its_gate(pair, monk
     assert all(any(p < t for p in top1) for top1 in gated_calls)  # asked only where some row may be routed
     assert any(all(p >= t for p in top1) for top1 in ungated_calls)  # the steps the gate spared
     assert len(ungated_calls) > len(gated_calls) > 0
+
+
+def test_the_entropy_on_the_host_is_the_torch_ops_entropy(monkeypatch):
+    """row_entropies (what the entropy routers decide from) on the host, collab_decode/_hostops.c, and with the
+    torch ops: the same entropies to float rounding, on rows flat and sharp, a wide vocabulary, a view of a padded
+    one, and rows with banned (-inf) tokens, which add nothing (0 log 0 = 0) either way; NaN for a row that is
+    not finite."""
+    import math
+
+    from collab_decode.routing import policies
+
+    assert policies._hostops is not None, "collab_decode._hostops was not built (make setup builds it)"
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(6, 449, generator=g) * torch.tensor([0.1, 1, 3, 10, 30, 100])[:, None]
+    banned = torch.randn(3, 40, generator=g)
+    banned[0, :10] = banned[1, 5] = -math.inf
+    broken = torch.randn(3, 40, generator=g)
+    broken[0, 3], broken[1, 7], broken[2] = math.nan, math.inf, -math.inf
+    for logits in (wide, wide[:, :447], banned, broken):
+        on_host = policies.row_entropies(logits)
+        monkeypatch.setattr(policies, "HOST_ENTROPY_MAX_ROWS", 0)
+        with_torch = policies.row_entropies(logits)
+        monkeypatch.undo()
+        assert [math.isnan(h) for h in on_host] == [math.isnan(h) for h in with_torch]
+        assert [h for h in on_host if h == h] == pytest.approx([h for h in with_torch if h == h], rel=1e-5, abs=1e-6)
+    assert [math.isnan(h) for h in policies.row_entropies(broken)] == [True, True, True]
+    probs = torch.softmax(banned[0].double(), -1)
+    assert policies.row_entropies(banned)[0] == pytest.approx(-float((probs[10:] * probs[10:].log()).sum()), rel=1e-6)

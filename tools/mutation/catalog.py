@@ -43,7 +43,7 @@ SERVE_CANCEL_TESTS = "tests/serve/test_async_engine.py"
 MUTATIONS: list[Mutation] = [
     # ---- routing rules -----------------------------------------------------------------------------
     Mutation("entropy-flipped", "routing", POLICIES,
-             "[h > self.t for h in entropy(", "[h < self.t for h in entropy(",
+             "[h > self.t for h in row_entropies(", "[h < self.t for h in row_entropies(",
              (REFERENCE,), "the entropy rule routes the confident tokens instead of the uncertain ones"),
     Mutation("confidence-flipped", "routing", POLICIES,
              "[p < self.t for p in inputs.top1_probs()]", "[p > self.t for p in inputs.top1_probs()]",
@@ -88,6 +88,13 @@ MUTATIONS: list[Mutation] = [
              "probs = top_probs(values[0][:LOOKUP_TOP], top1[row])",
              "probs = top_probs(values[0][:LOOKUP_TOP], top1[0])",
              (TRAIN_TESTS,), "the host router's prompt lookup weighs every row's top tokens with the first row's"),
+    Mutation("host-entropy-row-stride", "routing", POLICIES,
+             "return _hostops.entropy(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0))",
+             "return _hostops.entropy(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.shape[1])",
+             ("tests/engine/test_routing.py",), "the host entropy reads a padded vocabulary's rows as contiguous"),
+    Mutation("entropy-of-banned-tokens-nan", "routing", POLICIES,
+             ".clamp_min_(torch.finfo(torch.float32).min)", "",
+             ("tests/engine/test_routing.py",), "a row with a banned (-inf) token has entropy NaN: never routed"),
     Mutation("random-flipped", "routing", POLICIES,
              "return torch.tensor(draws) < self.p", "return torch.tensor(draws) >= self.p",
              (REFERENCE,), "random routing at 1 - p instead of p"),
