@@ -56,9 +56,27 @@ static double top1_probability(const float *x, Py_ssize_t n, float best) {
     return 1.0 / sum;
 }
 
-/* Reads (address, rows, cols, row_stride) from args[0:4]; 0 on success, -1 with an exception set. */
-static int parse_matrix(PyObject *const *args, const float **base, Py_ssize_t *rows, Py_ssize_t *cols,
-                        Py_ssize_t *stride) {
+/* Puts a and b at index i of the lists la and lb (which take both references); -1, both released, if either is
+   NULL (its allocation failed). */
+static int set_pair(PyObject *la, PyObject *lb, Py_ssize_t i, PyObject *a, PyObject *b) {
+    if (a == NULL || b == NULL) {
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        return -1;
+    }
+    PyList_SET_ITEM(la, i, a);
+    PyList_SET_ITEM(lb, i, b);
+    return 0;
+}
+
+/* Checks that a call of `usage` got its `expected` arguments and reads (address, rows, cols, row_stride) from
+   args[0:4]; 0 on success, -1 with an exception set. */
+static int parse_matrix(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, const char *usage,
+                        const float **base, Py_ssize_t *rows, Py_ssize_t *cols, Py_ssize_t *stride) {
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", usage, expected);
+        return -1;
+    }
     *base = (const float *)PyLong_AsVoidPtr(args[0]);
     *rows = PyLong_AsSsize_t(args[1]);
     *cols = PyLong_AsSsize_t(args[2]);
@@ -77,13 +95,10 @@ static int parse_matrix(PyObject *const *args, const float **base, Py_ssize_t *r
    check) and, with top1, 1 / sum(exp(x - max)), the softmax's largest probability (NaN where the row is not
    finite, as the softmax's). Three lists. */
 static PyObject *greedy(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "greedy(address, rows, cols, row_stride, top1) takes 5 arguments");
-        return NULL;
-    }
     const float *base;
     Py_ssize_t rows, cols, stride;
-    if (parse_matrix(args, &base, &rows, &cols, &stride) < 0)
+    if (parse_matrix(args, nargs, 5, "greedy(address, rows, cols, row_stride, top1)", &base, &rows, &cols,
+                     &stride) < 0)
         return NULL;
     int top1 = PyObject_IsTrue(args[4]);
     if (top1 < 0)
@@ -96,14 +111,8 @@ static PyObject *greedy(PyObject *module, PyObject *const *args, Py_ssize_t narg
         const float *x = base + r * stride;
         Py_ssize_t index;
         float best = row_max(x, cols, &index);
-        PyObject *id = PyLong_FromSsize_t(index), *max = PyFloat_FromDouble(best);
-        if (id == NULL || max == NULL) {
-            Py_XDECREF(id);
-            Py_XDECREF(max);
+        if (set_pair(ids, maxima, r, PyLong_FromSsize_t(index), PyFloat_FromDouble(best)) < 0)
             goto fail;
-        }
-        PyList_SET_ITEM(ids, r, id);
-        PyList_SET_ITEM(maxima, r, max);
         if (top1) {
             PyObject *p = PyFloat_FromDouble(top1_probability(x, cols, best));
             if (p == NULL)
@@ -125,13 +134,9 @@ fail:
    e = exp(x - max) and S = sum(e), terms of probability 0 (a -inf logit) counted as 0; NaN for a row holding NaN or
    +inf, or nothing finite. A list. */
 static PyObject *entropy(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "entropy(address, rows, cols, row_stride) takes 4 arguments");
-        return NULL;
-    }
     const float *base;
     Py_ssize_t rows, cols, stride;
-    if (parse_matrix(args, &base, &rows, &cols, &stride) < 0)
+    if (parse_matrix(args, nargs, 4, "entropy(address, rows, cols, row_stride)", &base, &rows, &cols, &stride) < 0)
         return NULL;
     PyObject *out = PyList_New(rows);
     if (out == NULL)
@@ -166,13 +171,9 @@ static PyObject *entropy(PyObject *module, PyObject *const *args, Py_ssize_t nar
 /* top(address, rows, cols, row_stride, k): each row's k largest values, descending (the lower column first among
    equal values), and their columns: two lists of rows. For finite rows (a NaN is never taken). */
 static PyObject *top(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "top(address, rows, cols, row_stride, k) takes 5 arguments");
-        return NULL;
-    }
     const float *base;
     Py_ssize_t rows, cols, stride;
-    if (parse_matrix(args, &base, &rows, &cols, &stride) < 0)
+    if (parse_matrix(args, nargs, 5, "top(address, rows, cols, row_stride, k)", &base, &rows, &cols, &stride) < 0)
         return NULL;
     Py_ssize_t k = PyLong_AsSsize_t(args[4]);
     if (PyErr_Occurred())
@@ -207,23 +208,11 @@ static PyObject *top(PyObject *module, PyObject *const *args, Py_ssize_t nargs) 
             ids[at] = j;
         }
         PyObject *row_ids = PyList_New(kept), *row_values = PyList_New(kept);
-        if (row_ids == NULL || row_values == NULL) {
-            Py_XDECREF(row_ids);
-            Py_XDECREF(row_values);
+        if (set_pair(all_ids, all_values, r, row_ids, row_values) < 0)
             goto fail;
-        }
-        PyList_SET_ITEM(all_ids, r, row_ids);
-        PyList_SET_ITEM(all_values, r, row_values);
-        for (Py_ssize_t i = 0; i < kept; i++) {
-            PyObject *id = PyLong_FromSsize_t(ids[i]), *value = PyFloat_FromDouble(values[i]);
-            if (id == NULL || value == NULL) {
-                Py_XDECREF(id);
-                Py_XDECREF(value);
+        for (Py_ssize_t i = 0; i < kept; i++)
+            if (set_pair(row_ids, row_values, i, PyLong_FromSsize_t(ids[i]), PyFloat_FromDouble(values[i])) < 0)
                 goto fail;
-            }
-            PyList_SET_ITEM(row_ids, i, id);
-            PyList_SET_ITEM(row_values, i, value);
-        }
     }
     return Py_BuildValue("(NN)", all_ids, all_values);
 fail:
