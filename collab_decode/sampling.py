@@ -181,6 +181,12 @@ class SampleOutput:
         return self._nonfinite_rows
 
 
+def host_readable(matrix: torch.Tensor) -> bool:
+    """Whether _hostops can read this matrix in place: the module is built, and the matrix is float32 on the CPU
+    with its columns contiguous (rows may be further apart: a padded vocabulary cut off)."""
+    return _hostops is not None and matrix.is_cpu and matrix.dtype == torch.float32 and matrix.stride(-1) == 1
+
+
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
     """A generator seeded with `seed` on `device` (the logits' device), or None for the global RNG."""
     if seed is None:

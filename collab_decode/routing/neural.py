@@ -20,7 +20,7 @@ from torch import nn
 from collab_decode.routing.features import (LOOKUP_MAX_N, LOOKUP_TOP, PromptIndex, feature_size, lookup_features,
                                            router_features, top_probs, top_tokens)
 from collab_decode.routing.policies import Router, RouterContext, RouterInputs
-from collab_decode.sampling import _hostops
+from collab_decode.sampling import _hostops, host_readable
 
 
 class RouterMLP(nn.Module):
@@ -296,8 +296,7 @@ def _host_readable(inputs: RouterInputs, num_top: int) -> bool:
     """The router's inputs can be read on the host: float32 logits on the CPU whose columns are contiguous (read
     from memory) with at least num_top of them, the embedding table, and the proposed tokens as ints."""
     logits = inputs.logits
-    return (inputs.proposed_ids is not None and inputs.embedding is not None and logits.is_cpu
-            and logits.dtype == torch.float32 and logits.stride(-1) == 1
+    return (inputs.proposed_ids is not None and inputs.embedding is not None and host_readable(logits)
             and num_top <= min(_hostops.MAX_TOP, logits.shape[-1]))
 
 

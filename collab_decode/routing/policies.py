@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from collab_decode.sampling import _hostops
+from collab_decode.sampling import _hostops, host_readable
 
 
 @dataclass
@@ -111,8 +111,7 @@ HOST_ENTROPY_MAX_ROWS = 32
 def row_entropies(logits: torch.Tensor) -> list[float]:
     """(B, V) logits -> each row's entropy in nats on the host: computed there for a few float32 rows on the CPU,
     else `entropy`'s torch ops and a host copy."""
-    if (_hostops is not None and logits.shape[0] <= HOST_ENTROPY_MAX_ROWS and logits.is_cpu
-            and logits.dtype == torch.float32 and logits.stride(-1) == 1):
+    if logits.shape[0] <= HOST_ENTROPY_MAX_ROWS and host_readable(logits):
         return _hostops.entropy(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0))
     return entropy(logits).tolist()
 
