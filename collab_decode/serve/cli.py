@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from collab_decode.pairs import pair_routers
+from collab_decode.serve.engine_core import STREAM_INTERVAL_S
 from collab_decode.serve.limits import Limits
 from collab_decode.serve.server import ServeConfig
 
@@ -84,6 +85,10 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--threads", type=int, default=default_threads(),
                    help="torch threads of the engine (default: the cores this process may use, less one for the "
                         f"event loop and the network: {default_threads()} here)")
+    s.add_argument("--stream-interval-ms", type=float, default=STREAM_INTERVAL_S * 1e3,
+                   help="how often the engine process sends its outputs: a stream gets the tokens of that long at "
+                        "once (a request's first token and its end at once); lower for smoother streams at some "
+                        f"tokens/s, 0 for every step (default: {STREAM_INTERVAL_S * 1e3:g})")
     for f in _documented_fields(ServeConfig):
         s.add_argument(_flag(f), dest=f.name, type=f.metadata["type"], default=f.default, metavar=_metavar(f),
                        help=f"{f.metadata['help']} (default: {f.default!r})")
@@ -148,6 +153,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_queue=args.max_queue, log_level=args.log_level, drain_timeout_s=args.drain_timeout_s,
                          limits=limits_from_args(args))
     parse_routing(args.default_policy)  # a malformed default fails before any model loads
+    if args.stream_interval_ms < 0:
+        print(f"error: --stream-interval-ms must be >= 0, got {args.stream_interval_ms:g}", file=sys.stderr)
+        return 2
     if args.threads < 1:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
@@ -161,7 +169,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               + ("; API key required" if config.api_key else "") + ". Ctrl-C stops.", flush=True)
 
     try:
-        engine = EngineProcess(functools.partial(build_serving_engine, args))  # the engine in its own process
+        # the engine in its own process
+        engine = EngineProcess(functools.partial(build_serving_engine, args), args.stream_interval_ms / 1e3)
         asyncio.run(Server(engine, model, config).run_until_signal(announce))
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)

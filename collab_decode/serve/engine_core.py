@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
-import select
 import signal
 import threading
 import time
@@ -37,12 +36,13 @@ from typing import Callable
 
 POLL_S = 0.002  # how long step() waits for the engine process before it returns nothing (commands go on)
 # The engine process sends its outputs at most this often (and at once when a request starts or ends, or
-# the engine goes idle): each message costs the engine ~0.1 ms here (a pipe write that wakes the server's
-# reader, and the caches it leaves cold), which a small model's 0.5 ms step would otherwise pay every token.
-# Driven directly on the demo pair at batch 1 (ms per token, engine process / in process): at 2 ms, small
-# 0.55 / 0.49 and large 2.70 / 2.55; at 5 ms, small 0.52 / 0.48 and large 2.61 / 2.57. 5 ms is a GPU engine's
-# step: a stream reader sees a burst of a few tokens 200 times a second, one output per sequence per message.
-STREAM_INTERVAL_S = 0.005
+# the engine goes idle; `serve --stream-interval-ms`): a send costs the engine ~0.1-0.2 ms at batch 1 here
+# (the text of the tokens since the last, pickling, the pipe write, and the caches it leaves cold), which a small
+# model's 0.5 ms step would otherwise pay every token. tools/engine_process_limits.py, the demo pair at batch 1,
+# tokens/s of the engine process over the same engine in process (medians of 3 passes): at 5 ms, `small` 0.92
+# and neural:0.7 0.93; at 20 ms, 1.02 and 0.98 (its loop outside the steps 0.029 -> 0.014 ms a token). A stream
+# reader gets the tokens of 20 ms at once, 50 times a second (the first token at once); TTFT is unchanged.
+STREAM_INTERVAL_S = 0.020
 IDLE_REPORT_S = 1.0  # how often an idle engine process reports its state (for /health and /metrics)
 
 
@@ -138,11 +138,15 @@ class EngineCoreClient:
     max_tokens_left and unavailable_models (from any thread). A reader thread takes every message off the
     pipe: steps queue for step(), answers for the command that waits on them, states replace `state`."""
 
-    def __init__(self, build: Callable):
+    def __init__(self, build: Callable, stream_interval_s: float = STREAM_INTERVAL_S):
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=run_engine_core, args=(build, child), name="collab-decode-engine",
-                                    daemon=True)
+        # how many commands were sent, in memory both processes share: the engine process reads it between
+        # steps (a load from memory) instead of asking the pipe (a system call every step)
+        self._num_sent = ctx.RawValue("Q", 0)
+        self._send_lock = threading.Lock()  # (commands are counted in the order they are written)
+        self._process = ctx.Process(target=run_engine_core, args=(build, child, self._num_sent, stream_interval_s),
+                                    name="collab-decode-engine", daemon=True)
         self._process.start()
         child.close()
         self._seqs: dict[int, SeqMirror] = {}  # unfinished sequences (engine thread only)
@@ -257,7 +261,11 @@ class EngineCoreClient:
 
     def _send(self, message: tuple) -> None:
         try:
-            self._conn.send(message)
+            with self._send_lock:
+                # counted before it is written: a message longer than the pipe's buffer is written only as the
+                # engine process reads it, and that process reads only what the count announces
+                self._num_sent.value += 1
+                self._conn.send(message)
         except (BrokenPipeError, EOFError, OSError):
             raise self._died() from None
 
@@ -269,9 +277,10 @@ class EngineCoreClient:
 
 
 # ---- engine process --------------------------------------------------------------------------------
-def run_engine_core(build: Callable, conn) -> None:
+def run_engine_core(build: Callable, conn, num_sent, stream_interval_s: float = STREAM_INTERVAL_S) -> None:
     """The engine process: build the engine, then apply commands between steps and send every step's
-    outputs, until told to stop or the server process is gone."""
+    outputs (at most every `stream_interval_s`), until told to stop or the server process is gone.
+    `num_sent`: the client's count of the commands it sent (shared memory)."""
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
@@ -282,7 +291,7 @@ def run_engine_core(build: Callable, conn) -> None:
         return
     conn.send(("ready", EngineInfo(engine.tokenizer, engine.max_model_len, engine.config, list(engine.backends)),
                EngineState.of(engine)))
-    core = _Core(engine, conn)
+    core = _Core(engine, conn, num_sent, stream_interval_s)
     try:
         with torch.inference_mode():  # once, not once a step (Engine.step)
             while core.apply(block=not engine.has_unfinished()):
@@ -293,10 +302,12 @@ def run_engine_core(build: Callable, conn) -> None:
 
 
 class _Core:
-    def __init__(self, engine, conn):
-        self.engine, self.conn = engine, conn
-        self.commands = select.poll()  # is a command waiting? (a tenth of Connection.poll's cost, every step)
-        self.commands.register(conn.fileno(), select.POLLIN)
+    def __init__(self, engine, conn, num_sent, stream_interval_s: float):
+        self.engine, self.conn, self.stream_interval_s = engine, conn, stream_interval_s
+        # is a command waiting? The client counts each command as it starts writing it: a count past those
+        # received means one is (being) written. (A poll of the pipe is a system call every step: 1.5-2% of a
+        # small model's tokens/s at batch 1.)
+        self.num_sent, self.num_received = num_sent, 0
         self.prompt_logprobs_sent: set[int] = set()
         # what each sequence did since the last send (see STREAM_INTERVAL_S): one CoreOutput per sequence,
         # however many steps it covers, so the message and the server's work grow with sequences, not steps
@@ -309,11 +320,12 @@ class _Core:
         """Apply every command waiting (waiting for one if `block`, and reporting the engine's state every
         IDLE_REPORT_S meanwhile: a remote model's availability changes while nothing runs); False once
         told to stop."""
-        while block or self.commands.poll(0):
+        while block or self.num_sent.value > self.num_received:
             while block and not self.conn.poll(IDLE_REPORT_S):
                 self.conn.send(("state", EngineState.of(self.engine)))
             block = False
             kind, *payload = self.conn.recv()
+            self.num_received += 1
             if kind == "stop":
                 return False
             if kind == "abort":
@@ -335,7 +347,7 @@ class _Core:
             self._add(out)
         self.pending_seconds.append(now - start)
         starts_or_ends = any(out.finished or out.seq.num_output_tokens == len(out.new_token_ids) for out in outputs)
-        if now - self.last_sent >= STREAM_INTERVAL_S or starts_or_ends or not self.engine.has_unfinished():
+        if now - self.last_sent >= self.stream_interval_s or starts_or_ends or not self.engine.has_unfinished():
             self._finish_pending()
             self.conn.send(("step", list(self.pending.values()), EngineState.of(self.engine), self.pending_seconds))
             self.pending, self.pending_seqs, self.pending_seconds, self.last_sent = {}, {}, [], now
@@ -390,8 +402,9 @@ class EngineProcess:
     engine thread), it starts the engine process, which calls `build`, and returns its client. The engine
     process is spawned, so a script that starts one needs the usual `if __name__ == "__main__":` guard."""
 
-    def __init__(self, build: Callable):
+    def __init__(self, build: Callable, stream_interval_s: float = STREAM_INTERVAL_S):
         self.build = build  # picklable: the engine process calls it
+        self.stream_interval_s = stream_interval_s
 
     def __call__(self) -> EngineCoreClient:
-        return EngineCoreClient(self.build)
+        return EngineCoreClient(self.build, self.stream_interval_s)

@@ -14,6 +14,7 @@ import torch
 
 from collab_decode.cli import build_parser, main
 from collab_decode.serve.cli import API_KEY_ENV, resolve_defaults, served_model_name, serving_addresses
+from collab_decode.serve.engine_core import STREAM_INTERVAL_S
 from collab_decode.serve.limits import Limits
 from collab_decode.serve.requests import ServedModel
 from collab_decode.serve.server import ServeConfig
@@ -49,6 +50,7 @@ class RecordingServer:
 
         assert isinstance(engine, EngineProcess), "serve must put the engine in a process of its own"
         self.engine, self.model, self.config = engine.build(), model, config  # what that process would build
+        self.process = engine
         self.port, self.grpc_port = config.port, config.grpc_port
         RecordingServer.built.append(self)
 
@@ -87,7 +89,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
         "--max-prompt-chars", 900, "--max-prompt-tokens", 80, "--max-output-tokens", 70, "--max-stop", 3,
         "--max-stop-chars", 9, "--max-messages", 6, "--request-timeout", 30, "--header-timeout", 2.5,
         "--idle-timeout", 3.5, "--chunk-threads", 3, "--chunk-threads-max-batch", 2, "--large-wait-steps", 4,
-        "--large-wait-min-batch", 3)
+        "--large-wait-min-batch", 3, "--stream-interval-ms", 7.5)
     assert torch.get_num_threads() == 2  # set by the engine's builder, before the models load
     torch.set_num_threads(1)  # what the test suite runs with
     limits = Limits(max_body_bytes=1000, max_prompt_chars=900, max_prompt_tokens=80, max_output_tokens=70, max_stop=3,
@@ -95,6 +97,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
     assert server.config == ServeConfig(host="0.0.0.0", port=1234, grpc_port=4321, api_key="k", max_queue=7,
                                         log_level="debug", drain_timeout_s=7.5, limits=limits)
     assert server.model == ServedModel(name="mine", small_dir=str(small), large_dir=str(large), routers=("r1", "r2"))
+    assert server.process.stream_interval_s == 0.0075
     engine = server.engine
     assert set(engine.backends) == {"small", "large"}
     for backend in engine.backends.values():
@@ -112,6 +115,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
     # one model, compiled; the API key from the environment; every server default
     server, printed = serve("--model", small, "--compile")
     assert server.config == ServeConfig(api_key="from-env")
+    assert server.process.stream_interval_s == STREAM_INTERVAL_S
     assert server.model == ServedModel(name="small", small_dir=str(small), large_dir=None)
     backend = server.engine.backends["small"]
     assert isinstance(backend, NativeBackend) and backend._compiled is not None and len(server.engine.backends) == 1
@@ -134,8 +138,14 @@ SERVE_FLAGS_CHECKED = {
     "--served-model-name", "--router", "--log-level", "--threads", "--help", "--drain-timeout", "--max-body-bytes",
     "--max-prompt-chars", "--max-prompt-tokens", "--max-output-tokens", "--max-stop", "--max-stop-chars",
     "--max-messages", "--request-timeout", "--header-timeout", "--idle-timeout", "--chunk-threads",
-    "--chunk-threads-max-batch", "--large-wait-steps", "--large-wait-min-batch",
+    "--chunk-threads-max-batch", "--large-wait-steps", "--large-wait-min-batch", "--stream-interval-ms",
 }
+
+
+def test_bad_serve_numbers_exit_2_before_any_model_loads(capsys):
+    for flag, value in (("--stream-interval-ms", "-1"), ("--threads", "0")):
+        assert main(["serve", flag, value]) == 2
+        assert f"{flag} must be >= " in capsys.readouterr().err
 
 
 def test_every_serve_flag_is_checked_here():

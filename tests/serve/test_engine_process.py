@@ -6,7 +6,7 @@ that cannot be built fails the server's start with its error."""
 from __future__ import annotations
 
 import json
-
+import threading
 import time
 
 import grpc
@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from collab_decode.sampling import SamplingParams
-from collab_decode.serve.engine_core import EngineProcess
+from collab_decode.serve.engine_core import EngineCoreClient, EngineProcess
 from collab_decode.serve.grpc_gen import collab_decode_pb2 as pb
 from collab_decode.serve.grpc_gen import collab_decode_pb2_grpc as pb_grpc
 from collab_decode.serve.server import ServeConfig
@@ -118,3 +118,41 @@ def test_prompt_logprobs_and_several_choices_cross_the_pipe(served, reference_en
         assert scored[0] is None and len(scored) == len(prompt_ids)
         got = [entry[str(token)]["logprob"] for entry, token in zip(scored[1:], prompt_ids[1:])]
         assert got == pytest.approx([lp for lp, _, _ in want.prompt_logprobs[1:]], abs=1e-5)
+
+
+
+def test_a_command_longer_than_the_pipe_buffer_reaches_a_busy_engine():
+    """The client announces each command (a count in shared memory) before it writes it, and the engine process
+    reads only what is announced (serve/engine_core.py): a command larger than the pipe's buffer (a prompt of
+    ~3 MB of ids) must still reach an engine that is busy stepping another request, and be refused there
+    (longer than the context), while the running request goes on to its end."""
+    client = EngineCoreClient(demo_engine)
+    try:
+        # the large model alone: ~300 tokens take over a second, the refusal comes in a fraction of one
+        sampling = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+        running = client.add_request(client.tokenizer.encode(PROMPT), sampling, "large")
+        while not client.step():
+            pass
+        refused = []
+        adder = threading.Thread(target=lambda: refused.append(_refusal(client, [100] * 1_500_000)), daemon=True)
+        adder.start()
+        adder.join(timeout=60)
+        assert not adder.is_alive(), "the long command never reached the engine process"
+        assert isinstance(refused[0], ValueError) and "context length" in str(refused[0])
+        # read while it was running: the request's end was not sent before the refusal (an engine that read the
+        # command only once idle would have sent its end first: the reader queues messages in order)
+        client.step()
+        assert client.has_unfinished()
+        tokens = 0
+        while client.has_unfinished():
+            tokens += sum(len(out.new_token_ids) for out in client.step() if out.seq_id == running)
+        assert tokens > 0
+    finally:
+        client.close()
+
+def _refusal(client: EngineCoreClient, prompt_ids: list[int]) -> Exception | None:
+    try:
+        client.add_request(prompt_ids, SamplingParams(max_tokens=4, temperature=0.0))
+    except Exception as e:
+        return e
+    return None

@@ -301,6 +301,12 @@ MUTATIONS: list[Mutation] = [
              "                out.new_text += self.engine.output.flush_text(seq)", "                pass",
              ("tests/serve/test_engine_process.py",), "the engine process sends a request's text only with its last "
                                                       "output: a stream shows nothing until the end"),
+    Mutation("engine-process-command-counted-after-write", "serve", "collab_decode/serve/engine_core.py",
+             "                self._num_sent.value += 1\n                self._conn.send(message)",
+             "                self._conn.send(message)\n                self._num_sent.value += 1",
+             ("tests/serve/test_engine_process.py::test_a_command_longer_than_the_pipe_buffer_reaches_a_busy_engine",),
+             "a command longer than the pipe's buffer waits until the engine process is idle (it reads only what "
+             "the count announces, and the count comes after the write)"),
     # ---- abort paths ---------------------------------------------------------------------------------
     Mutation("engine-abort-keeps-blocks", "abort", ENGINE,
              '            self._finish(seq, "abort")',
