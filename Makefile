@@ -54,9 +54,10 @@ fuzz: setup
 soak: setup
 	$(PY) tools/soak.py --minutes 10 --clients 32
 
-# The speed-against-accuracy report of the demo pair, engine and server (docs/benchmarks.md; ~15 minutes on 2 cores)
+# The speed-against-accuracy report of the demo pair, engine and server over REST (docs/benchmarks.md; ~25 minutes
+# on 2 cores; add --grpc for the server over gRPC too, ~6 minutes more)
 bench: setup
-	$(VENV)/bin/collab-decode bench run --grpc --out docs/results/bench
+	$(VENV)/bin/collab-decode bench run --out docs/results/bench
 
 clean:
 	rm -rf $(VENV) *.egg-info
