@@ -85,7 +85,7 @@ class Engine:
         self.fingerprint = fingerprint  # the pair's, when built from model directories (build_engine)
         self.router_context = RouterContext(small.hidden_size, {  # on the small model's device: it reads its tensors
             name: load_router(path, small.hidden_size, fingerprint, small.device)
-            for name, path in (routers or {}).items()})
+            for name, path in (routers or {}).items()}, self.vocab_size)
         self._routers: OrderedDict[RoutingSpec, Router | None] = OrderedDict()  # most recently used last
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()

@@ -10,6 +10,7 @@ drafts verified speculatively) is the engine's business, not the router's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -68,6 +69,7 @@ class RouterContext:
 
     hidden_size: int = 0  # the small model's hidden size
     routers: Mapping[str, Any] = field(default_factory=dict)  # neural routers loaded at start, by name
+    vocab_size: int = 0  # the columns of the logits a router decides from (0: not known)
 
 
 class Router:
@@ -116,6 +118,35 @@ def row_entropies(logits: torch.Tensor) -> list[float]:
     return entropy(logits).tolist()
 
 
+# how far below t the entropy gate's bound must stay: the routers' entropy is float32 arithmetic (C or torch,
+# ~1e-6 of a nat on these rows), the sampler's top-1 probability too (the bound moves ~10x its error there)
+ENTROPY_GATE_MARGIN = 1e-3
+
+
+def max_entropy(p1: float, vocab_size: int) -> float:
+    """The largest entropy (nats) a distribution over `vocab_size` tokens can have when its most probable one has
+    probability p1 >= 1 / vocab_size: the rest spread evenly over the others."""
+    rest = 1.0 - p1
+    h = -p1 * math.log(p1)
+    return h if rest <= 0 else h - rest * math.log(rest / (vocab_size - 1))
+
+
+def entropy_gate(t: float, vocab_size: int) -> float | None:
+    """The smallest top-1 probability (to ~1e-12) from which every row's entropy is below t by at least
+    ENTROPY_GATE_MARGIN (max_entropy falls as p1 rises from 1 / V to 1); None where the size is not known or t is
+    within the margin of 0."""
+    bound = t - ENTROPY_GATE_MARGIN
+    if vocab_size < 2 or bound <= 0:
+        return None
+    low, high = 1.0 / vocab_size, 1.0  # max_entropy(low) = log V, max_entropy(high) = 0 <= bound
+    if max_entropy(low, vocab_size) <= bound:
+        return 0.0  # no row of this vocabulary can exceed t
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (low, mid) if max_entropy(mid, vocab_size) <= bound else (mid, high)
+    return high
+
+
 def top1_prob(logits: torch.Tensor) -> torch.Tensor:
     """(B, V) logits -> (B,) probability of the most likely token (softmax + max: at batch 1 a third of
     exp(max - logsumexp)'s time, measured)."""
@@ -155,10 +186,20 @@ class RandomRoute(Router):
 
 class EntropyRoute(Router):
     """Route when the small model's next-token entropy (nats) exceeds t. In step mode (step-entropy,
-    GlimpRouter) the engine asks only at the start of each step, and the answer owns the step."""
+    GlimpRouter) the engine asks only at the start of each step, and the answer owns the step.
 
-    def __init__(self, t: float):
+    Its gate (where the vocabulary's size is known): a row whose top-1 probability reaches it has an entropy
+    below t whatever the rest of the row (`entropy_gate`), so the engine takes the small model's token without
+    asking, as for a confidence router's sure rows."""
+
+    def __init__(self, t: float, vocab_size: int = 0):
         self.t = t
+        self.gate = entropy_gate(t, vocab_size)
+        self.reads_top1 = self.gate is not None
+
+    @classmethod
+    def from_spec(cls, spec, context: RouterContext) -> "EntropyRoute":
+        return cls(spec.threshold, context.vocab_size)
 
     def decide(self, inputs: RouterInputs) -> list[bool]:
         return [h > self.t for h in row_entropies(inputs.logits)]

@@ -266,3 +266,65 @@ def test_the_entropy_on_the_host_is_the_torch_ops_entropy(monkeypatch):
     assert [math.isnan(h) for h in policies.row_entropies(broken)] == [True, True, True]
     probs = torch.softmax(banned[0].double(), -1)
     assert policies.row_entropies(banned)[0] == pytest.approx(-float((probs[10:] * probs[10:].log()).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.6, 1.5])
+def test_the_entropy_gate_skips_only_rows_that_cannot_route(monkeypatch, t):
+    """entropy:t routes no row whose top-1 probability p1 leaves no room for an entropy above t (max_entropy(p1, V)
+    < t: its gate). On the demo pair, whose small model is sure of most tokens, requests one at a time and
+    batched: the same tokens and writers as the same router asked at every step (its gate taken away), and the
+    router is asked only on steps where some row is below the gate."""
+    from collab_decode.bench.workload import demo_workload
+    from collab_decode.demo import checkpoint_dir
+    from collab_decode.routing.policies import EntropyRoute, entropy_gate
+
+    calls: list[list[float]] = []
+    real = EntropyRoute.decide
+
+    def counting_decide(self, inputs):
+        calls.append(inputs.top1_probs())
+        return real(self, inputs)
+
+    monkeypatch.setattr(EntropyRoute, "decide", counting_decide)
+    runs = {}
+    for gated in (True, False):
+        engine = make_engine(checkpoint_dir("small"), checkpoint_dir("large"))
+        workload = demo_workload(engine.tokenizer, 4)
+        prompts = [workload.request(i) for i in range(len(workload))]
+        router = engine.router_for(parse_routing(f"entropy:{t}"))
+        gate = router.gate
+        assert gate == entropy_gate(t, engine.vocab_size) and 0.5 < gate < 1
+        if not gated:
+            router.gate = None
+        calls.clear()
+        results = [engine.generate([p], workload.sampling(), f"entropy:{t}")[0] for p in prompts[:2]]
+        results += engine.generate(prompts, workload.sampling(), f"entropy:{t}")
+        runs[gated] = ([(r.token_ids, r.provenance) for r in results], list(calls))
+    (outputs, gated_calls), (ungated_outputs, ungated_calls) = runs[True], runs[False]
+    assert outputs == ungated_outputs
+    assert {w for _, provenance in outputs for w in provenance} == {"small", "large"}
+    assert all(any(p < gate for p in top1) for top1 in gated_calls)  # asked only where some row may be routed
+    assert 0 < len(gated_calls) < len(ungated_calls) / 2  # most steps spared
+
+
+def test_max_entropy_bounds_every_row_and_the_gate_is_tight():
+    """max_entropy(p1, V) is the entropy of p1 and the rest spread evenly, and no row with that top-1 probability
+    has more; entropy_gate(t, V) is where it falls to t - ENTROPY_GATE_MARGIN."""
+    from collab_decode.routing.policies import ENTROPY_GATE_MARGIN, entropy, entropy_gate, max_entropy
+
+    vocab = 50
+    generator = torch.Generator().manual_seed(0)
+    for scale in (0.5, 2.0, 5.0, 10.0):
+        logits = torch.randn(200, vocab, generator=generator) * scale
+        p1 = torch.softmax(logits, -1).amax(-1)
+        bounds = torch.tensor([max_entropy(float(p), vocab) for p in p1])
+        assert (entropy(logits) <= bounds + 1e-5).all()
+    p1 = 0.7  # the most entropy a top-1 of 0.7 allows: the other 0.3 even over 49 tokens
+    even = torch.log(torch.tensor([p1] + [(1 - p1) / (vocab - 1)] * (vocab - 1)))
+    assert float(entropy(even[None])) == pytest.approx(max_entropy(p1, vocab), abs=1e-5)
+    for t in (0.01, 0.5, 1.0, 3.0):
+        gate = entropy_gate(t, vocab)
+        assert max_entropy(gate, vocab) == pytest.approx(t - ENTROPY_GATE_MARGIN, abs=1e-9)
+        assert max_entropy(gate - 1e-6, vocab) > t - ENTROPY_GATE_MARGIN
+    assert entropy_gate(5.0, vocab) == 0.0  # above log(50): no row can exceed it
+    assert entropy_gate(0.0005, vocab) is None and entropy_gate(1.0, 0) is None

@@ -307,6 +307,12 @@ MUTATIONS: list[Mutation] = [
              ("tests/serve/test_engine_process.py::test_a_command_longer_than_the_pipe_buffer_reaches_a_busy_engine",),
              "a command longer than the pipe's buffer waits until the engine process is idle (it reads only what "
              "the count announces, and the count comes after the write)"),
+    Mutation("entropy-gate-ignores-vocabulary", "routing", "collab_decode/routing/policies.py",
+             "    return h if rest <= 0 else h - rest * math.log(rest / (vocab_size - 1))",
+             "    return h if rest <= 0 else h - rest * math.log(rest)",
+             ("tests/engine/test_routing.py::test_the_entropy_gate_skips_only_rows_that_cannot_route",),
+             "the entropy gate's bound forgets the tokens the rest may spread over: rows that would route are "
+             "taken from the small model unasked"),
     # ---- abort paths ---------------------------------------------------------------------------------
     Mutation("engine-abort-keeps-blocks", "abort", ENGINE,
              '            self._finish(seq, "abort")',
