@@ -13,8 +13,8 @@
    Why: at batch 1 on a CPU each torch op costs ~5-10 us right after a model's forward (its code and data are out
    of the caches) whatever its arithmetic, and a step's sampler and router are a dozen such ops on a few hundred
    numbers. collab_decode/sampling.py and collab_decode/routing (policies.py, neural.py) call these for a few rows on
-   the CPU and
-   keep the torch ops for larger batches, other devices, and installs without this module (no C compiler). */
+   the CPU and keep the torch ops for larger batches, other devices, and installs without this module (no C
+   compiler). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

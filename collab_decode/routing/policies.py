@@ -188,9 +188,10 @@ class EntropyRoute(Router):
     """Route when the small model's next-token entropy (nats) exceeds t. In step mode (step-entropy,
     GlimpRouter) the engine asks only at the start of each step, and the answer owns the step.
 
-    Its gate (where the vocabulary's size is known): a row whose top-1 probability reaches it has an entropy
-    below t whatever the rest of the row (`entropy_gate`), so the engine takes the small model's token without
-    asking, as for a confidence router's sure rows."""
+    Its gate (in token mode, where the vocabulary's size is known): a row whose top-1 probability reaches it has
+    an entropy below t whatever the rest of the row (`entropy_gate`), so the engine takes the small model's token
+    without asking, as for a confidence router's sure rows. A step router has none (the engine reads no gate
+    there), so the sampler computes no top-1 probability for it."""
 
     def __init__(self, t: float, vocab_size: int = 0):
         self.t = t
@@ -199,7 +200,7 @@ class EntropyRoute(Router):
 
     @classmethod
     def from_spec(cls, spec, context: RouterContext) -> "EntropyRoute":
-        return cls(spec.threshold, context.vocab_size)
+        return cls(spec.threshold, context.vocab_size if spec.mode == "token" else 0)
 
     def decide(self, inputs: RouterInputs) -> list[bool]:
         return [h > self.t for h in row_entropies(inputs.logits)]

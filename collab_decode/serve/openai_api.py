@@ -139,7 +139,7 @@ class _Routes:
 
     async def check_key(self, request: Request) -> None:
         # async: FastAPI runs a plain `def` dependency on a worker thread, two thread hops on every request
-        # (~0.5 ms of a request's latency here, docs/benchmarks.md), for a comparison that never blocks
+        # (~1 ms of a request's latency here, docs/benchmarks.md, Session 18), for a comparison that never blocks
         if self.api_key is None:
             return
         if not bearer_key_matches(request.headers.get("authorization", ""), self.api_key):

@@ -202,6 +202,19 @@ def test_routing_sits_below_the_engine():
     assert out.strip() == "[]"
 
 
+def recorded_decides(monkeypatch, cls) -> list[list[float]]:
+    """Each call of cls.decide from now on records its rows' top-1 probabilities in the list returned."""
+    calls: list[list[float]] = []
+    real = cls.decide
+
+    def recording_decide(self, inputs):
+        calls.append(inputs.top1_probs())
+        return real(self, inputs)
+
+    monkeypatch.setattr(cls, "decide", recording_decide)
+    return calls
+
+
 @pytest.mark.parametrize("num_prompts, with_small", [(1, False), (4, False), (4, True)])
 def test_a_gated_router_is_not_asked_where_every_row_reaches_its_gate(pair, monkeypatch, num_prompts, with_small):
     """confidence:t routes no position whose top-1 probability reaches t (its gate): a token step where every row
@@ -210,14 +223,7 @@ def test_a_gated_router_is_not_asked_where_every_row_reaches_its_gate(pair, monk
     their rows do not keep the router asked)."""
     from collab_decode.routing.policies import ConfidenceRoute
 
-    calls: list[list[float]] = []
-    real = ConfidenceRoute.decide
-
-    def counting_decide(self, inputs):
-        calls.append(inputs.top1_probs())
-        return real(self, inputs)
-
-    monkeypatch.setattr(ConfidenceRoute, "decide", counting_decide)
+    calls = recorded_decides(monkeypatch, ConfidenceRoute)
     prompts = [[5 + i, 17, 42, 9] for i in range(num_prompts)]
     make_engine(*pair).generate(prompts[:1], GREEDY, "confidence:1.0")  # asked at every step: this pair's top-1s
     t = round(float(torch.tensor([p for top1 in calls for p in top1]).median()), 6)
@@ -278,14 +284,7 @@ def test_the_entropy_gate_skips_only_rows_that_cannot_route(monkeypatch, t):
     from collab_decode.demo import checkpoint_dir
     from collab_decode.routing.policies import EntropyRoute, entropy_gate
 
-    calls: list[list[float]] = []
-    real = EntropyRoute.decide
-
-    def counting_decide(self, inputs):
-        calls.append(inputs.top1_probs())
-        return real(self, inputs)
-
-    monkeypatch.setattr(EntropyRoute, "decide", counting_decide)
+    calls = recorded_decides(monkeypatch, EntropyRoute)
     runs = {}
     for gated in (True, False):
         engine = make_engine(checkpoint_dir("small"), checkpoint_dir("large"))
@@ -294,6 +293,8 @@ def test_the_entropy_gate_skips_only_rows_that_cannot_route(monkeypatch, t):
         router = engine.router_for(parse_routing(f"entropy:{t}"))
         gate = router.gate
         assert gate == entropy_gate(t, engine.vocab_size) and 0.5 < gate < 1
+        step_router = engine.router_for(parse_routing(f"step-entropy:{t}"))  # asked once a step: no gate to read
+        assert step_router.gate is None and not step_router.reads_top1
         if not gated:
             router.gate = None
         calls.clear()

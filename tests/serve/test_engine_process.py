@@ -120,7 +120,6 @@ def test_prompt_logprobs_and_several_choices_cross_the_pipe(served, reference_en
         assert got == pytest.approx([lp for lp, _, _ in want.prompt_logprobs[1:]], abs=1e-5)
 
 
-
 def test_a_command_longer_than_the_pipe_buffer_reaches_a_busy_engine():
     """The client announces each command (a count in shared memory) before it writes it, and the engine process
     reads only what is announced (serve/engine_core.py): a command larger than the pipe's buffer (a prompt of
@@ -149,6 +148,7 @@ def test_a_command_longer_than_the_pipe_buffer_reaches_a_busy_engine():
         assert tokens > 0
     finally:
         client.close()
+
 
 def _refusal(client: EngineCoreClient, prompt_ids: list[int]) -> Exception | None:
     try:
