@@ -109,7 +109,7 @@ def test_generate_json_equals_transformers_greedy(pair):
     assert result["text"] == decode(pair[0], expected)
     assert result["provenance"] == ["small"] * 12
     assert result["stats"] == {"small_tokens": 12, "large_tokens": 0, "large_calls": 0, "catchup_tokens": 0,
-                               "preemptions": 0, "large_waits": 0, "large_share": 0.0}
+                               "preemptions": 0, "large_waits": 0, "cached_tokens": 0, "large_share": 0.0}
 
 
 def test_policies_equal_each_model_alone(capsys, pair):
@@ -217,7 +217,7 @@ def test_engine_flags_reach_the_engine(pair, tmp_path):
         "--max-num-seqs", "5", "--max-num-batched-tokens", "77", "--max-model-len", "100", "--step-delimiter", ";",
         "--default-policy", "entropy:0.5", "--router", f"first={routers[0]}", "--router", str(routers[1]),
         "--chunk-threads", "2", "--chunk-threads-max-batch", "3", "--large-wait-steps", "2",
-        "--large-wait-min-batch", "5"])
+        "--large-wait-min-batch", "5", "--no-enable-prefix-caching"])
     engine = engine_from_args(args)
     assert list(engine.router_context.routers) == ["first", "two"]  # NAME=DIR, or the directory's name
     assert all(isinstance(b, TransformersBackend) and b.dtype == torch.bfloat16 for b in engine.backends.values())
@@ -227,6 +227,7 @@ def test_engine_flags_reach_the_engine(pair, tmp_path):
     assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens, c.scheduler.max_model_len) == (5, 77, 100)
     assert (c.chunk_threads, c.chunk_threads_max_batch) == (2, 3)
     assert (c.large_wait_steps, c.large_wait_min_batch) == (2, 5)
+    assert not c.enable_prefix_caching
     assert engine.max_model_len == 100
     args = build_parser().parse_args(["generate", "--model", str(pair[0]), "--prompt", "x", "--compile",
                                       "--device", "cpu", "--dtype", "float16", "--max-num-batched-tokens", "9"])
@@ -235,6 +236,7 @@ def test_engine_flags_reach_the_engine(pair, tmp_path):
     assert isinstance(backend, NativeBackend) and backend._compiled is not None and backend.dtype == torch.float16
     assert backend.device.type == "cpu" and "large" not in engine.backends
     assert engine.kv["small"].pool.num_blocks == (256 << 20) // (backend.kv_bytes_per_token() * 16)
+    assert engine.config.enable_prefix_caching and engine.kv["small"].prefix_caching  # on unless turned off
     if not torch.cuda.is_available():  # --device reaches torch: a CUDA device is asked for
         with pytest.raises((RuntimeError, AssertionError), match="(?i)cuda"):
             engine_from_args(build_parser().parse_args(["generate", "--model", str(pair[0]), "--prompt", "x",
@@ -261,7 +263,8 @@ GENERATE_FLAGS_CHECKED = {
     "--small-kv-mib", "--large-kv-mib", "--default-policy", "--step-delimiter", "--max-num-seqs",
     "--max-num-batched-tokens", "--max-model-len", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed",
     "--stop", "--prompt", "--policy", "--chat", "--json", "--help", "--router", "--chunk-threads",
-    "--chunk-threads-max-batch", "--large-wait-steps", "--large-wait-min-batch",
+    "--chunk-threads-max-batch", "--large-wait-steps", "--large-wait-min-batch", "--enable-prefix-caching",
+    "--no-enable-prefix-caching",
 }
 
 

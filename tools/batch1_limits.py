@@ -34,7 +34,7 @@ import torch
 from collab_decode.backends.base import ModelInput, SeqChunk
 from collab_decode.bench.workload import demo_workload
 from collab_decode.demo import checkpoint_dir
-from collab_decode.engine.config import EngineConfig
+from collab_decode.bench.measure import timed_config
 from collab_decode.engine.loading import build_engine
 from collab_decode.engine.sequence import LARGE, SMALL
 from collab_decode.pairs import pair_routers
@@ -129,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(default_threads())
     engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), routers=pair_routers("demo"),
-                          config=EngineConfig(chunk_threads=os.cpu_count() or 1))
+                          config=timed_config(chunk_threads=os.cpu_count() or 1))
     workload = demo_workload(engine.tokenizer, args.problems)
     print(f"{args.problems} problems, torch threads {torch.get_num_threads()}, chunk threads "
           f"{engine.config.chunk_threads}; warming up", flush=True)

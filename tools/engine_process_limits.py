@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--intervals-ms", nargs="+", type=float, default=[STREAM_INTERVAL_S * 1e3],
                         help="one engine process for each of these stream intervals (how often it sends)")
     args = parser.parse_args()
-    serve_args = resolve_defaults(build_parser().parse_args(["serve", "--pair", "demo", "--log-level", "warning"]))
+    serve_args = resolve_defaults(build_parser().parse_args(["serve", "--pair", "demo", "--log-level", "warning",
+                                                                "--no-enable-prefix-caching"]))
     engine = build_serving_engine(serve_args)  # sets this process's torch threads as serve's engine process does
     clients = {ms: EngineCoreClient(functools.partial(build_serving_engine, serve_args), ms / 1e3)
                for ms in args.intervals_ms}

@@ -27,7 +27,7 @@ import torch
 from collab_decode import sampling
 from collab_decode.backends.base import ModelInput, SeqChunk
 from collab_decode.demo import checkpoint_dir
-from collab_decode.engine.config import EngineConfig
+from collab_decode.bench.measure import timed_config
 from collab_decode.engine.loading import build_engine
 from collab_decode.pairs import pair_routers
 from collab_decode.routing import RouterInputs, neural, parse_routing, policies
@@ -73,7 +73,7 @@ def main() -> None:
     if HOST is None:
         raise SystemExit("collab_decode._hostops is not built here (make setup builds it)")
     torch.set_num_threads(default_threads())
-    engine = build_engine(checkpoint_dir("small"), routers=pair_routers("demo"), config=EngineConfig())
+    engine = build_engine(checkpoint_dir("small"), routers=pair_routers("demo"), config=timed_config())
     backend, kv, sampler = engine.backends["small"], engine.kv["small"], sampling.Sampler()
     router = SimpleNamespace(route=engine.router_for(parse_routing("neural:0.7")), embed=backend.embed,
                              embedding=backend.embedding)

@@ -27,15 +27,17 @@ import json, sys, time, torch
 from collab_decode.demo import checkpoint_dir
 from collab_decode.demo.task import problems
 from collab_decode.demo.tokenizer import chat_prompt
+from collab_decode.bench.measure import timed_config
 from collab_decode.engine.loading import build_engine
 from collab_decode.sampling import SamplingParams
 
 policies, num_batch1, num_batched = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 try:  # the demo pair's shipped router, on revisions that have one (for neural:demo)
     from collab_decode.pairs import pair_routers
-    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), routers=pair_routers("demo"))
+    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), routers=pair_routers("demo"),
+                          config=timed_config())
 except ImportError:
-    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"))
+    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), config=timed_config())
 prompts = [engine.tokenizer(chat_prompt(p.question), add_special_tokens=False)["input_ids"]
            for p in problems("heldout", num_batched)]
 greedy = SamplingParams(max_tokens=400, temperature=0.0)

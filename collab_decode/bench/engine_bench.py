@@ -73,7 +73,7 @@ class _IdTokenizer:
 
 def run(sizes: list[str], batch_sizes: list[int], prompt_len: int, max_tokens: int, repeats: int) -> list[dict]:
     from collab_decode.backends.native import NativeBackend
-    from collab_decode.engine.config import EngineConfig
+    from collab_decode.bench.measure import timed_config
     from collab_decode.engine.engine import Engine
 
     rows = []
@@ -84,7 +84,7 @@ def run(sizes: list[str], batch_sizes: list[int], prompt_len: int, max_tokens: i
             for mode, compile in (("native", False), ("native_compiled", True)):
                 backend = NativeBackend.from_pretrained(tmp, compile=compile)
                 engines[mode] = Engine(backend, _IdTokenizer(backend.vocab_size),
-                                       EngineConfig(small_kv_bytes=512 << 20))
+                                       timed_config(small_kv_bytes=512 << 20))
             num_params = sum(p.numel() for p in hf_model.parameters())
             prompts = {batch: torch.randint(1, 512, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
                        for batch in batch_sizes}

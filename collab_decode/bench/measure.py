@@ -16,6 +16,13 @@ import numpy as np
 import torch
 
 from collab_decode.bench.workload import Workload
+from collab_decode.engine.config import EngineConfig
+
+
+def timed_config(**fields) -> EngineConfig:
+    """The engine settings of a timed run: no prefix cache. Runs repeat the same prompts (each policy, each
+    repeat), so a cache would time its own hits, and favour whichever policy runs after the prompts were cached."""
+    return EngineConfig(enable_prefix_caching=False, **fields)
 
 
 @dataclass

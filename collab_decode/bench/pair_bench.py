@@ -148,6 +148,7 @@ def markdown(acc: dict, speed: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from collab_decode.demo import checkpoint_dir
+    from collab_decode.bench.measure import timed_config
     from collab_decode.engine.loading import build_engine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile decode steps of both models")
     parser.add_argument("--out", default="bench_results/pair")
     args = parser.parse_args(argv)
-    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), compile=args.compile)
+    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), compile=args.compile, config=timed_config())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     acc = {"rows": [], "entropy_threshold": args.entropy_threshold} if args.skip_accuracy else \

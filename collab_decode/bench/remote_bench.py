@@ -26,6 +26,7 @@ from collab_decode.backends.remote import RemoteConfig
 from collab_decode.demo import checkpoint_dir
 from collab_decode.demo.task import problems
 from collab_decode.demo.tokenizer import chat_prompt
+from collab_decode.bench.measure import timed_config
 from collab_decode.engine.loading import build_engine
 from collab_decode.sampling import SamplingParams
 
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     small, large = checkpoint_dir("small"), checkpoint_dir("large")
-    engines = {"local": build_engine(small, large), "remote": build_engine(small, large,
-                                                                             remote=RemoteConfig(url=args.large_url))}
+    engines = {"local": build_engine(small, large, config=timed_config()),
+               "remote": build_engine(small, large, config=timed_config(), remote=RemoteConfig(url=args.large_url))}
     prompts = [engines["local"].tokenizer(chat_prompt(q.question), add_special_tokens=False)["input_ids"]
                for q in problems("heldout", args.num_problems)]
     for engine in engines.values():  # warm-up

@@ -216,13 +216,15 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     from collab_decode.demo import checkpoint_dir
+    from collab_decode.bench.measure import timed_config
     from collab_decode.engine.loading import build_engine
 
     torch.set_num_threads(args.threads)  # the server's engine setting: costs measured as served
     start = time.perf_counter()
     out = Path(args.out)
     name = Path(args.router).name
-    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), routers={name: args.router})
+    engine = build_engine(checkpoint_dir("small"), checkpoint_dir("large"), routers={name: args.router},
+                          config=timed_config())
     if args.neural is None:
         table = engine.router_context.routers[name].config["calibration"]
         args.neural = sorted({round(threshold_for_share(table, s), 6) for s in args.neural_shares})

@@ -46,10 +46,12 @@ class ServerProcess:
     """`collab-decode serve --small S --large L [--router NAME=DIR ...]` on free ports, until stop()."""
 
     def __init__(self, small: str, large: str, threads: int, routers: list[str] = (), chunk_threads: int = 0,
-                 device: str = "cpu", large_wait_steps: int = 0):
+                 device: str = "cpu", large_wait_steps: int = 0, prefix_caching: bool = False):
+        # no prefix cache by default, as the engine runs (measure.timed_config)
         cmd = [sys.executable, "-m", "collab_decode.cli", "serve", "--small", small, "--large", large, "--port", "0",
                "--grpc-port", "0", "--log-level", "warning", "--threads", str(threads),
-               "--chunk-threads", str(chunk_threads), "--device", device, "--large-wait-steps", str(large_wait_steps)]
+               "--chunk-threads", str(chunk_threads), "--device", device, "--large-wait-steps", str(large_wait_steps),
+               "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
         cmd += [arg for router in routers for arg in ("--router", router)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
@@ -170,7 +172,7 @@ def run_suite(args: argparse.Namespace) -> None:
 
     from collab_decode.demo import checkpoint_dir
     from collab_decode.engine.args import routers_from_args
-    from collab_decode.engine.config import EngineConfig
+    from collab_decode.bench.measure import timed_config
     from collab_decode.engine.loading import build_engine
     from collab_decode.pairs import pair_routers
 
@@ -181,7 +183,7 @@ def run_suite(args: argparse.Namespace) -> None:
         args.router = [f"{n}={p}" for n, p in pair_routers("demo").items()] if (args.small, args.large) == demo else []
     routers = routers_from_args(args.router)
     engine = build_engine(args.small, args.large, device=args.device, routers=routers,
-                          config=EngineConfig(chunk_threads=args.chunk_threads, large_wait_steps=args.large_wait_steps))
+                          config=timed_config(chunk_threads=args.chunk_threads, large_wait_steps=args.large_wait_steps))
     if args.policies is None:
         args.policies = POLICIES + (NEURAL_POLICIES if routers else [])
     bench = Bench(demo_workload(engine.tokenizer, args.num_problems, max_tokens=args.max_tokens), engine)

@@ -34,14 +34,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
     from collab_decode.bench.workload import demo_workload
-    from collab_decode.engine.config import EngineConfig
+    from collab_decode.bench.measure import timed_config
     from collab_decode.engine.loading import build_engine
     from collab_decode.pairs import pair_dir, pair_routers
 
     torch.set_num_threads(args.threads)
     engines = {w: build_engine(str(pair_dir("demo", "small")), str(pair_dir("demo", "large")),
                                routers=pair_routers("demo"), device=args.device,
-                               config=EngineConfig(large_wait_steps=w, large_wait_min_batch=args.min_batch))
+                               config=timed_config(large_wait_steps=w, large_wait_min_batch=args.min_batch))
                for w in args.waits}
     workload = demo_workload(engines[args.waits[0]].tokenizer, args.batch)
     prompts = [workload.request(i) for i in range(args.batch)]

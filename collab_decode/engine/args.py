@@ -57,6 +57,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             flag, dest = _flag(f)
             unit = f.metadata.get("unit")
             default = f.default // unit if unit else f.default
+            if isinstance(default, bool):  # --flag / --no-flag
+                e.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                               help=f"{f.metadata['help']}")  # (argparse adds the default)
+                continue
             e.add_argument(flag, dest=dest, type=type(default), default=default,
                            help=f"{f.metadata['help']}{' (MiB)' if unit else ''} (default: {default!r})")
 

@@ -39,6 +39,10 @@ class EngineConfig:
         "sequence); 0: every routed token runs at once"))
     large_wait_min_batch: int = field(default=16, metadata=_doc(
         "the fewest running sequences at which a routed token waits (--large-wait-steps); fewer: none waits"))
+    enable_prefix_caching: bool = field(default=True, metadata=_doc(
+        "keep the K/V of full blocks of tokens after their requests end and reuse it for requests whose tokens "
+        "begin the same (a shared system prompt, few-shot examples, earlier turns of a chat, n > 1, a "
+        "preempted request's recompute); not for the model scoring a prompt_logprobs request's prompt"))
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self):

@@ -97,7 +97,8 @@ class Engine:
         per_block = backend.kv_bytes_per_token() * cfg.block_size
         num_blocks = max(1, memory // per_block) if per_block else 1 << 20
         backend.init_cache(num_blocks, cfg.block_size)
-        return KVCacheManager(num_blocks, cfg.block_size)
+        # a backend without a paged cache (transformers, a remote endpoint) holds no blocks to share
+        return KVCacheManager(num_blocks, cfg.block_size, prefix_caching=cfg.enable_prefix_caching and per_block > 0)
 
     @property
     def kv(self) -> dict[str, KVCacheManager]:
@@ -296,7 +297,7 @@ class Engine:
         multiplies the masked slots of the next owner's last block by 0 (0 * NaN = NaN)."""
         for name, backend in self.backends.items():
             if self.kv[name].has(seq.seq_id) and hasattr(backend, "clear_blocks"):
-                backend.clear_blocks(self.kv[name].block_table(seq.seq_id))
+                backend.clear_blocks(self.kv[name].forget_content(seq.seq_id))  # (blocks it shares: others' K/V)
 
     def _release(self, seq_id: int) -> None:
         """The scheduler freed this sequence's blocks: drop what backends hold for it (the transformers

@@ -44,7 +44,8 @@ class LargeStep:
         if not seqs:
             return []
         backlogs = [s.num_tokens - s.num_cached[LARGE] for s in seqs]
-        catching_up = [s.num_cached[LARGE] > 0 or s.num_output_tokens > 0 for s in routed]
+        # (not the large model's first prefill of a prompt, however much of it the prefix cache held)
+        catching_up = [s.num_output_tokens > 0 or s.stats.num_large_calls > 0 for s in routed]
         try:
             out = self.runner.forward(LARGE, seqs, backlogs)
         except BackendError as e:  # e.g. the remote endpoint is down: end the requests it names

@@ -59,10 +59,15 @@ class ModelRunner:
             chunks.append(SeqChunk(seq.seq_id, seq.token_ids[start:start + n], start,
                                    self.kv[model].block_table(seq.seq_id), all_positions or scores))
         out = self._run(model, chunks, sum(num_new))
+        kv = self.kv[model]
         for seq, chunk, n, scores in zip(seqs, chunks, num_new, scoring):
             if scores:
                 record_prompt_logprobs(seq, chunk.num_cached, out.all_logits[seq.seq_id][:, :self.vocab_size])
             seq.num_cached[model] += n
+            if kv.prefix_caching:
+                # a speculative sequence's tokens past its prompt include drafts, and a rollback rewrites them
+                final = seq.num_prompt_tokens - 1 if seq.mode == "speculative" else seq.num_tokens
+                kv.register(seq.seq_id, seq.token_ids, min(seq.num_cached[model], final))
         return out
 
     def forward_last(self, model: str, seqs: list[Sequence]) -> ModelOutput:
@@ -71,8 +76,14 @@ class ModelRunner:
         table = self.kv[model].block_table
         chunks = [SeqChunk(seq.seq_id, seq.token_ids[-1:], len(seq.token_ids) - 1, table(seq.seq_id)) for seq in seqs]
         out = self._run(model, chunks, len(chunks))
+        kv = self.kv[model]
         for seq in seqs:
             seq.num_cached[model] += 1
+        if kv.prefix_caching:
+            size = kv.block_size
+            for seq in seqs:
+                if seq.num_cached[model] % size == 0:  # a block filled (never a speculative sequence's step)
+                    kv.register(seq.seq_id, seq.token_ids, seq.num_cached[model])
         return out
 
     def _run(self, model: str, chunks: list[SeqChunk], num_tokens: int) -> ModelOutput:

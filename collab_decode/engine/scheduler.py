@@ -93,8 +93,19 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
+            self._match_prefix(seq)
             budget = self._schedule_one(seq, budget, out)
         return out
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        """An admitted sequence starts each of its models' caches from the cached blocks its tokens begin with
+        (prefix caching; at least its last token is computed, for its next token's logits). Not the model that
+        scores its prompt (prompt_logprobs): every prompt position needs that model's logits."""
+        for model in self._pools_of(seq):
+            if not (seq.needs_prompt_logprobs and model == seq.prompt_scorer):
+                seq.num_cached[model] = self.kv[model].match(seq.seq_id, seq.token_ids, seq.num_tokens - 1)
+        if seq.stats.num_preemptions == 0:  # the prompt's, as first admitted (usage's cached_tokens)
+            seq.stats.num_cached_tokens = seq.num_cached[SMALL if seq.uses_small else LARGE]
 
     def decodes(self) -> list[Sequence] | None:
         """The running sequences, oldest first, if this step's plan is each of them decoding one token in blocks

@@ -33,6 +33,7 @@ class SequenceStats:
     num_catchup_tokens: int = 0  # tokens the large model processed to catch up (excluding its first prefill)
     num_preemptions: int = 0
     num_large_waits: int = 0  # steps its routed tokens waited to share a large-model call (large_wait_steps)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache of the model that first reads the prompt
 
     @property
     def large_share(self) -> float:
@@ -43,6 +44,7 @@ class SequenceStats:
         return {"small_tokens": self.num_small_tokens, "large_tokens": self.num_large_tokens,
                 "large_calls": self.num_large_calls, "catchup_tokens": self.num_catchup_tokens,
                 "preemptions": self.num_preemptions, "large_waits": self.num_large_waits,
+                "cached_tokens": self.num_cached_tokens,
                 "large_share": self.large_share}
 
 

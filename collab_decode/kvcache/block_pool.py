@@ -1,14 +1,16 @@
 """Physical KV-cache blocks of one model: a free list and per-block reference counts.
 
-Data flow: KVCacheManager asks the pool for block ids (`allocate`), shares them (`incref`) and hands
-them back (`free`). A block whose reference count drops to 0 goes to the back of the free list, so
-recently freed blocks are reused last. The pool knows nothing about sequences or tensors; the backend
-owns the storage that block id `b` indexes (slots `b * block_size ... (b + 1) * block_size - 1`).
+Data flow: KVCacheManager asks the pool for block ids (`allocate`), shares them (`incref`, or `take` for
+a free block whose content the prefix cache finds again) and hands them back (`free`). A block whose
+reference count drops to 0 goes to the back of the free list, so recently freed blocks are reused last
+(with prefix caching, the least recently used content is evicted first). The pool knows nothing about
+sequences or tensors; the backend owns the storage that block id `b` indexes (slots `b * block_size ...
+(b + 1) * block_size - 1`).
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
 
@@ -23,7 +25,7 @@ class BlockPool:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free_ids: deque[int] = deque(range(num_blocks))
+        self._free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # least recently freed first
         self._ref_counts = [0] * num_blocks
 
     @property
@@ -49,7 +51,7 @@ class BlockPool:
                 f"requested {num_blocks} blocks but only {len(self._free_ids)} of "
                 f"{self.num_blocks} are free"
             )
-        block_ids = [self._free_ids.popleft() for _ in range(num_blocks)]
+        block_ids = [self._free_ids.popitem(last=False)[0] for _ in range(num_blocks)]
         for block_id in block_ids:
             self._ref_counts[block_id] = 1
         return block_ids
@@ -60,6 +62,17 @@ class BlockPool:
         for block_id in block_ids:
             self._check_in_use(block_id, "incref")
         for block_id in block_ids:
+            self._ref_counts[block_id] += 1
+
+    def take(self, block_ids: Iterable[int]) -> None:
+        """Add an owner to each block, free or not: a free block leaves the free list (the prefix cache found
+        its content again)."""
+        block_ids = list(block_ids)
+        for block_id in block_ids:
+            self._check_id(block_id)
+        for block_id in block_ids:
+            if self._ref_counts[block_id] == 0:
+                del self._free_ids[block_id]
             self._ref_counts[block_id] += 1
 
     def free(self, block_ids: Iterable[int]) -> None:
@@ -78,7 +91,7 @@ class BlockPool:
         for block_id in block_ids:
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
-                self._free_ids.append(block_id)
+                self._free_ids[block_id] = None
 
     def ref_count(self, block_id: int) -> int:
         self._check_id(block_id)

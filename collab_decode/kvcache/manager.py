@@ -3,13 +3,23 @@
 Data flow: the scheduler asks `can_allocate(seq, n)` before a model's cache catches up to `n` tokens
 and then calls `allocate(seq, n)`; the backend reads `block_table(seq)` to know
 where token `pos` of the sequence lives in its cache storage. A speculative rollback or a preemption
-calls `truncate(seq, n)`; a finished sequence calls `free(seq)`. Tables only grow in `allocate` and
-only shrink in `truncate` / `free`, so after every request ends every block is back in the pool.
+calls `truncate(seq, n)`; a finished sequence calls `free(seq)`. Tables only grow in `allocate` (and
+`match`) and only shrink in `truncate` / `free`, so after every request ends every block is back in the pool.
+
+Prefix caching (`prefix_caching=True`): a full block whose K/V a forward has written enters the cache
+(`register`), keyed by its tokens and by the block before it, so a key names the whole prefix up to the
+block's end. A sequence admitted with no table first takes the longest run of cached blocks that its
+tokens begin with (`match`): those tokens' K/V are not computed again. A cached block stays cached after
+its owners free it, on the pool's free list, until `allocate` hands it out for other content (least
+recently freed first); every reuse of a block changes its generation, which the keys of the blocks after
+it name, so a key can never lead to content that has been overwritten.
 """
 
 from __future__ import annotations
 
 from collab_decode.kvcache.block_pool import BlockPool, OutOfBlocksError
+
+ROOT = (-1, 0)  # the "block before" the first block of every sequence: (block id, generation)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -19,12 +29,20 @@ def _ceil_div(a: int, b: int) -> int:
 class KVCacheManager:
     """Block tables of the sequences that hold cache in one model's pool."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self._tables: dict[int, list[int]] = {}
+        self.prefix_caching = prefix_caching
+        # (block before's id, its generation, the block's tokens) -> the block holding their K/V
+        self._cache: dict[tuple, int] = {}
+        self._key: dict[int, tuple] = {}  # block -> its key in _cache (cached blocks only)
+        self._generation = [0] * num_blocks  # how many times each block was handed out for new content
+        self._num_known: dict[int, int] = {}  # seq -> leading blocks of its table that are in the cache or matched
+        self.num_queried_tokens = 0  # tokens of sequences that looked for a cached prefix (`match`)
+        self.num_hit_tokens = 0  # of them, tokens found cached
 
     @property
     def num_free_blocks(self) -> int:
@@ -63,7 +81,63 @@ class KVCacheManager:
             raise OutOfBlocksError(
                 f"sequence {seq_id} needs {num_needed} more blocks for {num_tokens} tokens: {e}"
             ) from None
+        for block in new_ids:  # new content: what the block held before leaves the cache
+            self._drop(block)
         self._tables.setdefault(seq_id, []).extend(new_ids)
+
+    def match(self, seq_id: int, token_ids: list[int], max_tokens: int) -> int:
+        """Give a sequence that holds no block the cached blocks its first `max_tokens` tokens begin with
+        (whole blocks, the longest run); returns how many tokens they hold (0 without prefix caching)."""
+        if not self.prefix_caching or self._tables.get(seq_id):
+            return 0
+        size, blocks, before = self.block_size, [], ROOT
+        for start in range(0, max_tokens - size + 1, size):
+            block = self._cache.get((*before, tuple(token_ids[start:start + size])))
+            if block is None:
+                break
+            blocks.append(block)
+            before = (block, self._generation[block])
+        if blocks:
+            self.pool.take(blocks)
+            self._tables[seq_id] = blocks
+            self._num_known[seq_id] = len(blocks)
+        self.num_queried_tokens += len(token_ids)
+        self.num_hit_tokens += len(blocks) * size
+        return len(blocks) * size
+
+    def register(self, seq_id: int, token_ids: list[int], num_tokens: int) -> None:
+        """The K/V of `seq_id`'s first num_tokens tokens (token_ids) is written and final: its whole blocks
+        enter the prefix cache (a block whose key another block already has stays out: the first keeps it)."""
+        table, size = self._tables.get(seq_id), self.block_size
+        known = self._num_known.get(seq_id, 0)
+        full = min(num_tokens // size, len(table)) if table else 0
+        if full <= known:
+            return
+        before = (table[known - 1], self._generation[table[known - 1]]) if known else ROOT
+        for i in range(known, full):
+            block = table[i]
+            key = (*before, tuple(token_ids[i * size:(i + 1) * size]))
+            if key not in self._cache and block not in self._key:
+                self._cache[key] = block
+                self._key[block] = key
+            before = (block, self._generation[block])
+        self._num_known[seq_id] = full
+
+    def forget_content(self, seq_id: int) -> list[int]:
+        """The blocks only `seq_id` holds, taken out of the prefix cache: their K/V is about to be cleared
+        (a failed sequence's). Blocks it shares keep their content."""
+        table = self._tables.get(seq_id, [])
+        mine = [b for b in table if self.pool.ref_count(b) == 1]
+        for block in mine:
+            self._drop(block)
+        return mine
+
+    def _drop(self, block: int) -> None:
+        """Take a block out of the prefix cache: its content is about to change."""
+        self._generation[block] += 1
+        key = self._key.pop(block, None)
+        if key is not None:
+            del self._cache[key]
 
     def truncate(self, seq_id: int, num_tokens: int) -> None:
         """Shrink `seq_id`'s table to exactly the blocks that hold its first `num_tokens` tokens.
@@ -79,6 +153,10 @@ class KVCacheManager:
                 f"cannot truncate sequence {seq_id} to {num_tokens} tokens: its table holds "
                 f"only {len(table) * self.block_size} ({len(table)} blocks)"
             )
+        known = self._num_known.get(seq_id, 0)
+        if num_tokens < known * self.block_size:  # the prefix cache's blocks are never written again
+            raise ValueError(f"cannot truncate sequence {seq_id} to {num_tokens} tokens: its first "
+                             f"{known * self.block_size} are in the prefix cache")
         # Free from the tail so the last-written blocks go back first.
         self.pool.free(reversed(table[num_keep:]))
         del table[num_keep:]
@@ -86,6 +164,7 @@ class KVCacheManager:
     def free(self, seq_id: int) -> None:
         """Return all of `seq_id`'s blocks to the pool and forget it (no-op if unknown)."""
         table = self._tables.pop(seq_id, None)
+        self._num_known.pop(seq_id, None)
         if table:
             self.pool.free(reversed(table))
 

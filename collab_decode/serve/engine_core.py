@@ -60,6 +60,8 @@ class EngineState:
     kv_total: dict[str, int]  # pool -> blocks
     unavailable: dict[str, str]  # model -> why it cannot serve now (Engine.unavailable_models)
     forwards: dict[str, int]  # model -> forwards so far (a large-model call shared by k requests is one)
+    # pool -> (tokens of admitted sequences that looked for a cached prefix, of them found cached), so far
+    prefix_cache: dict[str, tuple[int, int]]
 
     @classmethod
     def of(cls, engine) -> "EngineState":
@@ -69,7 +71,8 @@ class EngineState:
         return cls(len(engine.scheduler.waiting), len(engine.scheduler.running),
                    {pool: m.num_used_blocks for pool, m in kv.items()},
                    {pool: m.pool.num_blocks for pool, m in kv.items()}, engine.unavailable_models(),
-                   dict(engine.runner.num_forwards))
+                   dict(engine.runner.num_forwards),
+                   {pool: (m.num_queried_tokens, m.num_hit_tokens) for pool, m in kv.items() if m.prefix_caching})
 
 
 @dataclass

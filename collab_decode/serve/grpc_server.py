@@ -217,8 +217,9 @@ def _response(deltas: list[Delta], index: int = 0, usage: list[list[Delta]] | No
                       for d in deltas for top in d.top_logprobs],
         finish_reason=deltas[-1].finish_reason if deltas[-1].finished else "")
     if usage is not None:
-        out.usage.CopyFrom(pb.Usage(**{k: v for k, v in protocol.usage(usage, len(usage)).items()
-                                       if k != "total_tokens"}))
+        counts = protocol.usage(usage, len(usage))
+        counts["cached_tokens"] = counts.pop("prompt_tokens_details")["cached_tokens"]
+        out.usage.CopyFrom(pb.Usage(**{k: v for k, v in counts.items() if k != "total_tokens"}))
     return out
 
 

@@ -40,6 +40,10 @@ class ServerMetrics:
         self.kv_blocks_used = Gauge("collab_decode_kv_blocks_used", "KV-cache blocks in use", ["pool"], registry=r)
         self.kv_blocks_total = Gauge("collab_decode_kv_blocks_total", "KV-cache blocks in the pool", ["pool"],
                                      registry=r)
+        self.prefix_cache_queries = Counter("collab_decode_prefix_cache_queries", "Tokens of admitted requests "
+                                            "looked up in each pool's prefix cache", ["pool"], registry=r)
+        self.prefix_cache_hits = Counter("collab_decode_prefix_cache_hits", "Of them, tokens found cached (their "
+                                         "K/V not computed again)", ["pool"], registry=r)
         self.model_available = Gauge("collab_decode_model_available", "1 while a model can serve, 0 while it "
                                      "cannot (a remote large model whose endpoint is down)", ["model"], registry=r)
         self.ttft = Histogram("collab_decode_time_to_first_token_seconds", "Arrival to first output token",
@@ -49,7 +53,7 @@ class ServerMetrics:
         self.step_seconds = Histogram("collab_decode_engine_step_seconds", "Duration of one engine step",
                                       buckets=_LATENCY_BUCKETS, registry=r)
         self._num_small = self._num_large = 0
-        self._forwards: dict[str, int] = {}  # the engine's forward counts at the last report
+        self._totals: dict[tuple, int] = {}  # the engine's running totals at the last report, by counter and label
 
     def count_tokens(self, provenance: list[str]) -> None:
         """Count a delta's output tokens by model and update the overall large share."""
@@ -76,10 +80,17 @@ class ServerMetrics:
             self.kv_blocks_used.labels(pool).set(used)
             self.kv_blocks_total.labels(pool).set(state.kv_total[pool])
         for model, count in state.forwards.items():
-            new = count - self._forwards.get(model, 0)
-            if new > 0:
-                self.forwards.labels(model).inc(new)
-            self._forwards[model] = count
+            self._advance(self.forwards.labels(model), ("forwards", model), count)
+        for pool, (queried, hit) in state.prefix_cache.items():
+            self._advance(self.prefix_cache_queries.labels(pool), ("queries", pool), queried)
+            self._advance(self.prefix_cache_hits.labels(pool), ("hits", pool), hit)
+
+    def _advance(self, counter, key: tuple, total: int) -> None:
+        """Bring a counter to the engine's running total (the engine counts; a counter only goes up)."""
+        new = total - self._totals.get(key, 0)
+        if new > 0:
+            counter.inc(new)
+        self._totals[key] = total
 
 
     def watch_models(self, engine) -> None:

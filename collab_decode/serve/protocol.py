@@ -12,7 +12,8 @@ Completions take a list of prompts and `n` choices per prompt: choice `index` = 
 the logprobs object (the first one's logprob null), scored by the model `prompt_scorer` names (the large
 one unless routing is `small`); `max_tokens` 0 with echo scores the prompt only (as lm-evaluation-harness
 asks). Prompt tokens count once per prompt in `usage`; everything else sums over the choices.
-`usage` gains small_tokens, large_tokens, large_share and large_calls.
+`usage` gains small_tokens, large_tokens, large_share and large_calls; its prompt_tokens_details.cached_tokens
+(OpenAI's) counts the prompt tokens the prefix cache held.
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def usage(choices: list[list[Delta]], n: int = 1) -> dict:
     small, large = (sum(d.stats[key] for d in lasts) for key in ("small_tokens", "large_tokens"))
     return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output,
             "small_tokens": small, "large_tokens": large, "large_share": large / (small + large) if small + large
-            else 0.0, "large_calls": sum(d.stats["large_calls"] for d in lasts)}
+            else 0.0, "large_calls": sum(d.stats["large_calls"] for d in lasts),
+            "prompt_tokens_details": {"cached_tokens": sum(c[-1].stats["cached_tokens"] for c in choices[::n] if c)}}
 
 
 def completion_logprobs(tokenizer, deltas: list[Delta], text_offset: int = 0, as_token_ids: bool = False) -> dict:

@@ -89,7 +89,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
         "--max-prompt-chars", 900, "--max-prompt-tokens", 80, "--max-output-tokens", 70, "--max-stop", 3,
         "--max-stop-chars", 9, "--max-messages", 6, "--request-timeout", 30, "--header-timeout", 2.5,
         "--idle-timeout", 3.5, "--chunk-threads", 3, "--chunk-threads-max-batch", 2, "--large-wait-steps", 4,
-        "--large-wait-min-batch", 3, "--stream-interval-ms", 7.5)
+        "--large-wait-min-batch", 3, "--stream-interval-ms", 7.5, "--no-enable-prefix-caching")
     assert torch.get_num_threads() == 2  # set by the engine's builder, before the models load
     torch.set_num_threads(1)  # what the test suite runs with
     limits = Limits(max_body_bytes=1000, max_prompt_chars=900, max_prompt_tokens=80, max_output_tokens=70, max_stop=3,
@@ -109,6 +109,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
     assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens, c.scheduler.max_model_len) == (5, 77, 100)
     assert (c.chunk_threads, c.chunk_threads_max_batch) == (3, 2)
     assert (c.large_wait_steps, c.large_wait_min_batch) == (4, 3)
+    assert not c.enable_prefix_caching
     assert "serving 'mine' (default policy entropy:0.5): REST http://0.0.0.0:1234/v1, gRPC 0.0.0.0:4321; " \
            "API key required" in printed
     assert serving_addresses(printed) == ("http://0.0.0.0:1234", "0.0.0.0:4321")  # what bench and soak read
@@ -121,6 +122,7 @@ def test_every_serve_flag_reaches_the_server_or_the_engine(serve, monkeypatch, t
     assert isinstance(backend, NativeBackend) and backend._compiled is not None and len(server.engine.backends) == 1
     assert server.engine.config.default_policy == "small"
     assert server.engine.config.chunk_threads == len(os.sched_getaffinity(0))  # serve's default: every core
+    assert server.engine.config.enable_prefix_caching and server.engine.kv["small"].prefix_caching
     # no model named: the demo pair, under its default policy
     monkeypatch.delenv(API_KEY_ENV)
     for args in ((), ("--pair", "demo")):
@@ -139,6 +141,7 @@ SERVE_FLAGS_CHECKED = {
     "--max-prompt-chars", "--max-prompt-tokens", "--max-output-tokens", "--max-stop", "--max-stop-chars",
     "--max-messages", "--request-timeout", "--header-timeout", "--idle-timeout", "--chunk-threads",
     "--chunk-threads-max-batch", "--large-wait-steps", "--large-wait-min-batch", "--stream-interval-ms",
+    "--enable-prefix-caching", "--no-enable-prefix-caching",
 }
 
 

@@ -68,3 +68,28 @@ def test_token_counts_equal_usage(client, server):
     assert delta(before, after, "collab_decode_request_large_share_count") == len(usages)
     assert delta(before, after, "collab_decode_request_large_share_sum") == \
         pytest.approx(sum(u["large_share"] for u in usages), abs=1e-5)
+
+
+def test_prefix_cache_hits_equal_usage(client, server):
+    """A prompt sent again finds its blocks in the prefix cache: usage.prompt_tokens_details.cached_tokens (REST,
+    as the openai client reads it) and usage.cached_tokens (gRPC) say how many tokens, and /metrics counts the
+    same lookups and hits."""
+    prompt = f"{PROMPT} Then she gives away 7. How many does she have left?"
+    before = server.wait_idle()
+    first = client.completions.create(model="demo", prompt=prompt, max_tokens=4, temperature=0,
+                                      extra_body={"routing": "small"}).usage
+    chat = [client.chat.completions.create(model="demo", messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=4, temperature=0, extra_body={"routing": "small"}).usage
+            for _ in range(2)]
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        got = pb_grpc.CollabDecodeStub(channel).Generate(pb.GenerateRequest(
+            text=prompt, sampling=pb.SamplingParams(max_tokens=4, temperature=0), routing="small"), timeout=60)
+    after = server.wait_idle()
+    cached = [u.prompt_tokens_details.cached_tokens for u in [first] + chat] + [got.usage.cached_tokens]
+    # the second chat request and the gRPC one find every whole block of their prompts but the last token's
+    block = server.engine.config.block_size
+    assert cached[2] == (chat[1].prompt_tokens - 1) // block * block > 0
+    assert cached[3] == (got.usage.prompt_tokens - 1) // block * block > 0
+    assert delta(before, after, 'collab_decode_prefix_cache_hits_total{pool="small"}') == sum(cached)
+    assert delta(before, after, 'collab_decode_prefix_cache_queries_total{pool="small"}') == \
+        first.prompt_tokens + sum(u.prompt_tokens for u in chat) + got.usage.prompt_tokens

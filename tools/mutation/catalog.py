@@ -35,6 +35,8 @@ ENGINE_TESTS = "tests/engine/test_engine.py"
 SPEC_TESTS = "tests/engine/test_speculative.py"
 OUTPUT_TESTS = "tests/engine/test_output.py"
 KV_TESTS = ("tests/kvcache",)
+MANAGER = "collab_decode/kvcache/manager.py"
+PREFIX_TESTS = "tests/engine/test_prefix_cache.py"
 SAMPLING_TESTS = "tests/test_sampling.py"
 ISOLATION_TESTS = "tests/engine/test_isolation.py"
 ASYNC_ENGINE = "collab_decode/serve/async_engine.py"
@@ -232,7 +234,7 @@ MUTATIONS: list[Mutation] = [
              (SCHED_TESTS,), "a preempted sequence loses its place to requests that arrived after it"),
     # ---- KV blocks ----------------------------------------------------------------------------------
     Mutation("pool-never-returns", "kv", "collab_decode/kvcache/block_pool.py",
-             "                self._free_ids.append(block_id)", "                pass",
+             "                self._free_ids[block_id] = None", "                pass",
              KV_TESTS + (ENGINE_TESTS,), "freed blocks never return to the free list"),
     Mutation("truncate-leaks", "kv", "collab_decode/kvcache/manager.py",
              "        self.pool.free(reversed(table[num_keep:]))\n", "",
@@ -247,6 +249,35 @@ MUTATIONS: list[Mutation] = [
     Mutation("pool-off-by-one", "kv", "collab_decode/kvcache/block_pool.py",
              "return 0 <= num_blocks <= len(self._free_ids)", "return 0 <= num_blocks < len(self._free_ids)",
              KV_TESTS, "the last free block can never be allocated"),
+    # ---- prefix caching ------------------------------------------------------------------------------
+    Mutation("prefix-reuse-keeps-generation", "prefix cache", MANAGER,
+             "        self._generation[block] += 1\n", "",
+             KV_TESTS + (PREFIX_TESTS,), "a block handed out for new content still leads to what followed its old one"),
+    Mutation("prefix-evicts-newest", "prefix cache", "collab_decode/kvcache/block_pool.py",
+             "self._free_ids.popitem(last=False)[0]", "self._free_ids.popitem()[0]",
+             KV_TESTS + (PREFIX_TESTS,), "the most recently freed block (the freshest cached content) is reused first"),
+    Mutation("prefix-match-takes-every-token", "prefix cache", SCHEDULER,
+             "self.kv[model].match(seq.seq_id, seq.token_ids, seq.num_tokens - 1)",
+             "self.kv[model].match(seq.seq_id, seq.token_ids, seq.num_tokens)",
+             (PREFIX_TESTS,), "a prompt found whole in the cache leaves no token to compute its next token's logits"),
+    Mutation("prefix-scorer-matches", "prefix cache", SCHEDULER,
+             "            if not (seq.needs_prompt_logprobs and model == seq.prompt_scorer):",
+             "            if True:",
+             (PREFIX_TESTS,), "the model scoring a prompt skips its cached part (those positions get no logprobs)"),
+    Mutation("prefix-speculative-registers-drafts", "prefix cache", "collab_decode/engine/runner.py",
+             'final = seq.num_prompt_tokens - 1 if seq.mode == "speculative" else seq.num_tokens',
+             "final = seq.num_tokens",
+             (PREFIX_TESTS,), "a speculative sequence's drafts enter the cache, and a rollback rewrites them"),
+    Mutation("prefix-failed-blocks-stay-cached", "prefix cache", MANAGER,
+             "        for block in mine:\n            self._drop(block)\n", "",
+             KV_TESTS + (PREFIX_TESTS,), "a failed request's cleared blocks stay in the cache"),
+    Mutation("prefix-failed-clears-shared-blocks", "prefix cache", MANAGER,
+             "mine = [b for b in table if self.pool.ref_count(b) == 1]", "mine = list(table)",
+             KV_TESTS + (PREFIX_TESTS,), "a failed request clears blocks another running request shares"),
+    Mutation("prefix-blocks-filled-in-decode-uncached", "prefix cache", "collab_decode/engine/runner.py",
+             "                if seq.num_cached[model] % size == 0:", "                if False:",
+             (PREFIX_TESTS,), "blocks the usual decode step fills never enter the cache (a preempted request "
+             "recomputes them; a later turn of a chat finds only its prompt)"),
     # ---- speculative ---------------------------------------------------------------------------------
     Mutation("spec-greedy-accepts-all", "speculative", SPECULATIVE,
              "if d != t), len(drafts))", "if False), len(drafts))",

@@ -97,20 +97,22 @@ class PromptLogprob(_message.Message):
     def __init__(self, logprob: _Optional[float] = ..., rank: _Optional[int] = ..., top: _Optional[_Union[TopLogprobs, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "small_tokens", "large_tokens", "large_share", "large_calls")
+    __slots__ = ("prompt_tokens", "completion_tokens", "small_tokens", "large_tokens", "large_share", "large_calls", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SMALL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LARGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LARGE_SHARE_FIELD_NUMBER: _ClassVar[int]
     LARGE_CALLS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     small_tokens: int
     large_tokens: int
     large_share: float
     large_calls: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., small_tokens: _Optional[int] = ..., large_tokens: _Optional[int] = ..., large_share: _Optional[float] = ..., large_calls: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., small_tokens: _Optional[int] = ..., large_tokens: _Optional[int] = ..., large_share: _Optional[float] = ..., large_calls: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "provenance", "logprobs", "top_logprobs", "finish_reason", "usage", "index", "prompt_logprobs")
