@@ -70,7 +70,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         out = {}
         for f in dataclasses.fields(cls):
             if f.name != "scheduler":
-                out[f.name] = getattr(args, _flag(f)[1]) * (f.metadata.get("unit") or 1)
+                value = getattr(args, _flag(f)[1])
+                out[f.name] = value * f.metadata["unit"] if f.metadata.get("unit") else value
         return out
 
     return EngineConfig(**values(EngineConfig), scheduler=SchedulerConfig(**values(SchedulerConfig)))

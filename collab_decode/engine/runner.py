@@ -64,10 +64,12 @@ class ModelRunner:
             if scores:
                 record_prompt_logprobs(seq, chunk.num_cached, out.all_logits[seq.seq_id][:, :self.vocab_size])
             seq.num_cached[model] += n
-            if kv.prefix_caching:
-                # a speculative sequence's tokens past its prompt include drafts, and a rollback rewrites them
-                final = seq.num_prompt_tokens - 1 if seq.mode == "speculative" else seq.num_tokens
-                kv.register(seq.seq_id, seq.token_ids, min(seq.num_cached[model], final))
+            if kv.prefix_caching and seq.num_cached[model] == seq.num_tokens and not scores \
+                    and seq.mode != "speculative":
+                # blocks enter the cache at a forward whose last row this step samples and checks (a row with NaN
+                # fails its request, whose own blocks then leave the cache before another request can match them);
+                # a speculative sequence's, only what verification commits (speculative._commit)
+                kv.register(seq.seq_id, seq.token_ids, seq.num_cached[model])
         return out
 
     def forward_last(self, model: str, seqs: list[Sequence]) -> ModelOutput:
@@ -77,13 +79,11 @@ class ModelRunner:
         chunks = [SeqChunk(seq.seq_id, seq.token_ids[-1:], len(seq.token_ids) - 1, table(seq.seq_id)) for seq in seqs]
         out = self._run(model, chunks, len(chunks))
         kv = self.kv[model]
+        size = kv.block_size if kv.prefix_caching else 0
         for seq in seqs:
             seq.num_cached[model] += 1
-        if kv.prefix_caching:
-            size = kv.block_size
-            for seq in seqs:
-                if seq.num_cached[model] % size == 0:  # a block filled (never a speculative sequence's step)
-                    kv.register(seq.seq_id, seq.token_ids, seq.num_cached[model])
+            if size and seq.num_cached[model] % size == 0:  # a block filled (never a speculative sequence's step)
+                kv.register(seq.seq_id, seq.token_ids, seq.num_cached[model])
         return out
 
     def _run(self, model: str, chunks: list[SeqChunk], num_tokens: int) -> ModelOutput:

@@ -93,19 +93,23 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            self._match_prefix(seq)
+            for model in self._pools_of(seq):
+                if model == SMALL or seq.mode == "speculative" or seq.routes_all:  # (the others: at `reserve`)
+                    self._match_prefix(seq, model)
             budget = self._schedule_one(seq, budget, out)
         return out
 
-    def _match_prefix(self, seq: Sequence) -> None:
-        """An admitted sequence starts each of its models' caches from the cached blocks its tokens begin with
-        (prefix caching; at least its last token is computed, for its next token's logits). Not the model that
-        scores its prompt (prompt_logprobs): every prompt position needs that model's logits."""
-        for model in self._pools_of(seq):
-            if not (seq.needs_prompt_logprobs and model == seq.prompt_scorer):
-                seq.num_cached[model] = self.kv[model].match(seq.seq_id, seq.token_ids, seq.num_tokens - 1)
-        if seq.stats.num_preemptions == 0:  # the prompt's, as first admitted (usage's cached_tokens)
-            seq.stats.num_cached_tokens = seq.num_cached[SMALL if seq.uses_small else LARGE]
+    def _match_prefix(self, seq: Sequence, model: str) -> None:
+        """Start `model`'s cache of a sequence that holds none of its blocks from the cached blocks its tokens begin
+        with (prefix caching; at least its last token is computed, for its next token's logits): the small model's
+        at admission, the large model's when it first runs on the sequence (a token-level sequence's first routed
+        token; a `large` or speculative one's admission, whose token_ids hold no draft then). Not the model that
+        scores the prompt (prompt_logprobs): every prompt position needs that model's logits."""
+        if seq.needs_prompt_logprobs and model == seq.prompt_scorer:
+            return
+        seq.num_cached[model] = self.kv[model].match(seq.seq_id, seq.token_ids, seq.num_tokens - 1)
+        if seq.stats.num_preemptions == 0 and model == (SMALL if seq.uses_small else LARGE):
+            seq.stats.num_cached_tokens = seq.num_cached[model]  # the prompt's, as first read (usage)
 
     def decodes(self) -> list[Sequence] | None:
         """The running sequences, oldest first, if this step's plan is each of them decoding one token in blocks
@@ -148,6 +152,8 @@ class Scheduler:
         needed. Returns the sequences that were preempted (possibly some of `seqs`)."""
         preempted: list[Sequence] = []
         for seq, n in zip(seqs, num_tokens):
+            if seq.status is Status.RUNNING and not self.kv[model].has(seq.seq_id) and seq.mode != "speculative":
+                self._match_prefix(seq, model)  # its first large call since admission
             if seq.status is Status.RUNNING and self._make_room(model, seq, n, None, preempted):
                 self.kv[model].allocate(seq.seq_id, n)
         return preempted
@@ -162,9 +168,10 @@ class Scheduler:
 
     def truncate(self, seq: Sequence, model: str, num_tokens: int) -> None:
         """Roll `model`'s cache of seq back to its first num_tokens tokens and free surplus blocks."""
-        seq.num_cached[model] = min(seq.num_cached[model], num_tokens)
+        num_cached = min(seq.num_cached[model], num_tokens)
         if self.kv[model].has(seq.seq_id):
-            self.kv[model].truncate(seq.seq_id, seq.num_cached[model])
+            self.kv[model].truncate(seq.seq_id, num_cached)
+        seq.num_cached[model] = num_cached
 
     def _make_room(self, model: str, seq: Sequence, num_tokens: int, out: ScheduleOutput | None,
                    preempted: list[Sequence] | None = None) -> bool:
@@ -173,8 +180,8 @@ class Scheduler:
         False if seq itself was the youngest and is now preempted."""
         manager = self.kv[model]
         while not manager.can_allocate(seq.seq_id, num_tokens):
-            holders = [s for s in self.running
-                       if s is not seq and manager.has(s.seq_id) and manager.num_tokens_capacity(s.seq_id) > 0]
+            # (a sequence whose blocks others share too would free none: prefix caching)
+            holders = [s for s in self.running if s is not seq and manager.num_private_blocks(s.seq_id) > 0]
             victim = max(holders + [seq], key=lambda s: s.arrival)
             self._preempt(victim, out)
             if preempted is not None:

@@ -166,4 +166,7 @@ def _commit(scheduler: Scheduler, output: OutputProcessor, seq: Sequence, commit
     # caches keep only what both agree on: the committed prefix, minus the newest token (not yet fed)
     for model in (SMALL, LARGE):
         scheduler.truncate(seq, model, min(seq.num_cached[model], n0 + min(num_new, num_kept)))
+        kv = scheduler.kv[model]
+        if kv.prefix_caching:  # the committed tokens' blocks (the cache now holds no draft nor the newest token)
+            kv.register(seq.seq_id, seq.token_ids, seq.num_cached[model])
     return output.postprocess(seq, num_new)

@@ -25,19 +25,20 @@ class BlockPool:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # least recently freed first
+        self._next_unused = 0  # blocks [_next_unused, num_blocks) were never handed out: they come first
+        self._freed: OrderedDict[int, None] = OrderedDict()  # handed out and freed since, least recently freed first
         self._ref_counts = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
-        return len(self._free_ids)
+        return self.num_blocks - self._next_unused + len(self._freed)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free_ids)
+        return self.num_blocks - self.num_free
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return 0 <= num_blocks <= len(self._free_ids)
+        return 0 <= num_blocks <= self.num_free
 
     def allocate(self, num_blocks: int) -> list[int]:
         """Take `num_blocks` blocks from the front of the free list, each with ref count 1.
@@ -46,12 +47,15 @@ class BlockPool:
         """
         if num_blocks < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({num_blocks})")
-        if num_blocks > len(self._free_ids):
+        if num_blocks > self.num_free:
             raise OutOfBlocksError(
-                f"requested {num_blocks} blocks but only {len(self._free_ids)} of "
+                f"requested {num_blocks} blocks but only {self.num_free} of "
                 f"{self.num_blocks} are free"
             )
-        block_ids = [self._free_ids.popitem(last=False)[0] for _ in range(num_blocks)]
+        num_unused = min(num_blocks, self.num_blocks - self._next_unused)
+        block_ids = list(range(self._next_unused, self._next_unused + num_unused))
+        self._next_unused += num_unused
+        block_ids += [self._freed.popitem(last=False)[0] for _ in range(num_blocks - num_unused)]
         for block_id in block_ids:
             self._ref_counts[block_id] = 1
         return block_ids
@@ -70,9 +74,11 @@ class BlockPool:
         block_ids = list(block_ids)
         for block_id in block_ids:
             self._check_id(block_id)
+            if block_id >= self._next_unused:
+                raise ValueError(f"cannot take block {block_id}: it was never handed out")
         for block_id in block_ids:
             if self._ref_counts[block_id] == 0:
-                del self._free_ids[block_id]
+                del self._freed[block_id]
             self._ref_counts[block_id] += 1
 
     def free(self, block_ids: Iterable[int]) -> None:
@@ -91,7 +97,7 @@ class BlockPool:
         for block_id in block_ids:
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
-                self._free_ids[block_id] = None
+                self._freed[block_id] = None
 
     def ref_count(self, block_id: int) -> int:
         self._check_id(block_id)

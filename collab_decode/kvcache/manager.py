@@ -39,7 +39,7 @@ class KVCacheManager:
         # (block before's id, its generation, the block's tokens) -> the block holding their K/V
         self._cache: dict[tuple, int] = {}
         self._key: dict[int, tuple] = {}  # block -> its key in _cache (cached blocks only)
-        self._generation = [0] * num_blocks  # how many times each block was handed out for new content
+        self._generation = [0] * num_blocks if prefix_caching else []  # times each block took new content
         self._num_known: dict[int, int] = {}  # seq -> leading blocks of its table that are in the cache or matched
         self.num_queried_tokens = 0  # tokens of sequences that looked for a cached prefix (`match`)
         self.num_hit_tokens = 0  # of them, tokens found cached
@@ -81,8 +81,9 @@ class KVCacheManager:
             raise OutOfBlocksError(
                 f"sequence {seq_id} needs {num_needed} more blocks for {num_tokens} tokens: {e}"
             ) from None
-        for block in new_ids:  # new content: what the block held before leaves the cache
-            self._drop(block)
+        if self.prefix_caching:
+            for block in new_ids:  # new content: what the block held before leaves the cache
+                self._drop(block)
         self._tables.setdefault(seq_id, []).extend(new_ids)
 
     def match(self, seq_id: int, token_ids: list[int], max_tokens: int) -> int:
@@ -108,6 +109,8 @@ class KVCacheManager:
     def register(self, seq_id: int, token_ids: list[int], num_tokens: int) -> None:
         """The K/V of `seq_id`'s first num_tokens tokens (token_ids) is written and final: its whole blocks
         enter the prefix cache (a block whose key another block already has stays out: the first keeps it)."""
+        if not self.prefix_caching:
+            return
         table, size = self._tables.get(seq_id), self.block_size
         known = self._num_known.get(seq_id, 0)
         full = min(num_tokens // size, len(table)) if table else 0
@@ -117,11 +120,18 @@ class KVCacheManager:
         for i in range(known, full):
             block = table[i]
             key = (*before, tuple(token_ids[i * size:(i + 1) * size]))
-            if key not in self._cache and block not in self._key:
-                self._cache[key] = block
-                self._key[block] = key
-            before = (block, self._generation[block])
+            twin = self._cache.get(key)
+            if twin is None and block not in self._key:
+                self._cache[key], self._key[block] = block, key
+                twin = block
+            # the blocks after it are keyed after the cached block with its content (its twin, when another
+            # sequence computed the same tokens first), so a later sequence walking the cache reaches them
+            before = (twin, self._generation[twin]) if twin is not None else (block, self._generation[block])
         self._num_known[seq_id] = full
+
+    def num_private_blocks(self, seq_id: int) -> int:
+        """Blocks of `seq_id` that no other sequence holds: what freeing it would give back to the pool."""
+        return sum(1 for b in self._tables.get(seq_id, ()) if self.pool.ref_count(b) == 1)
 
     def forget_content(self, seq_id: int) -> list[int]:
         """The blocks only `seq_id` holds, taken out of the prefix cache: their K/V is about to be cleared

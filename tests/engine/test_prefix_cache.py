@@ -62,13 +62,29 @@ def test_a_chats_next_turn_finds_the_answer_it_follows_cached(pair, policy):
     """The blocks a request's output fills (in the usual decode step, or the large model's steps) are cached too:
     a next turn whose prompt holds the first prompt and its answer computes only what follows them."""
     engine = make_engine(*pair, block_size=4)
-    (first,) = engine.generate(PROMPTS[:1], GREEDY, policy)
+    answer = SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True)
+    (first,) = engine.generate(PROMPTS[:1], answer, policy)
     turn = PROMPTS[0] + first.token_ids + [60, 61, 62]
     (second,) = engine.generate([turn], GREEDY, policy)
-    # the first request computed the K/V of its prompt and of every output token but its last
-    assert second.stats["cached_tokens"] == (len(PROMPTS[0]) + GREEDY.max_tokens - 1) // 4 * 4
+    # the first request computed the K/V of its prompt and of every output token but its last: 60 tokens, whose
+    # last block its last step filled
+    computed = len(PROMPTS[0]) + answer.max_tokens - 1
+    assert computed % 4 == 0 and second.stats["cached_tokens"] == computed
     uncached = make_engine(*pair, block_size=4, enable_prefix_caching=False)
     assert second.token_ids == uncached.generate([turn], GREEDY, policy)[0].token_ids
+    check_all_free(engine)
+
+
+def test_sampled_speculative_decoding_caches_only_what_it_commits(pair):
+    """Sampled verification rejects drafts: a block that held one is rolled back, never cached."""
+    sampled = [SamplingParams(max_tokens=20, temperature=1.0, seed=i, ignore_eos=True) for i in range(len(PROMPTS))]
+    uncached = make_engine(*pair, block_size=4, enable_prefix_caching=False)
+    want = outputs([uncached.generate([p], s, "speculative:3")[0] for p, s in zip(PROMPTS, sampled)])
+    engine = make_engine(*pair, block_size=4)
+    for _ in range(2):  # the second time, every prompt and answer is cached
+        got = [engine.generate([p], s, "speculative:3")[0] for p, s in zip(PROMPTS, sampled)]
+        assert outputs(got) == want and all(r.finish_reason == "length" for r in got)
+    assert all(r.stats["cached_tokens"] == (len(p) - 1) // 4 * 4 for r, p in zip(got, PROMPTS))
     check_all_free(engine)
 
 

@@ -192,3 +192,20 @@ def test_steps_that_are_not_the_usual_decode_take_the_general_rule(case):
         seqs[0].sampling = SamplingParams(max_tokens=100, prompt_logprobs=1)
     assert scheduler.decodes() is None
     assert not scheduler.schedule().decodes_only
+
+
+def test_a_sequence_whose_blocks_others_share_too_is_not_preempted_for_room():
+    """Prefix caching: a running sequence that holds only blocks another sequence holds too would free nothing
+    if preempted; when the pool is short, the youngest sequence with a block of its own goes instead."""
+    kv = {SMALL: KVCacheManager(64, BLOCK), LARGE: KVCacheManager(5, BLOCK, prefix_caching=True)}
+    scheduler = Scheduler(SchedulerConfig(), kv)
+    (old,) = create_requests(scheduler, [8], "entropy:1")
+    (sharer,) = create_requests(scheduler, [9], "entropy:1")  # younger; its 8 first tokens are old's
+    run_plan(scheduler.schedule())
+    scheduler.reserve(LARGE, [old], [old.num_tokens])  # old's first large call: 3 blocks, 2 of them full
+    kv[LARGE].register(old.seq_id, old.token_ids, 8)
+    scheduler.reserve(LARGE, [sharer], [8])  # finds old's 2 full blocks, needs no block of its own
+    assert sharer.num_cached[LARGE] == 8 and kv[LARGE].num_private_blocks(sharer.seq_id) == 0
+    preempted = scheduler.reserve(LARGE, [old], [old.num_tokens + 12])  # 3 more blocks: 1 more than are free
+    assert preempted == [old] and old.status is Status.WAITING
+    assert sharer.status is Status.RUNNING and kv[LARGE].block_table(sharer.seq_id) != []

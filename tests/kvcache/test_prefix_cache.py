@@ -140,3 +140,22 @@ def test_a_failed_sequences_own_blocks_leave_the_cache():
     assert manager.forget_content(1) == own  # the shared first block keeps its content
     manager.free(1)
     assert manager.match(2, tokens, 11) == 4 and manager.block_table(2) == shared
+
+
+def test_what_follows_a_twin_block_is_found_through_the_first():
+    """Two sequences computed the same first block at once (the second's is a twin, not cached): the second's
+    next block is keyed after the cached one, so a later sequence with the second's tokens finds both."""
+    manager = cached()
+    written(manager, 0, list(range(8)))
+    second = list(range(4)) + [9, 9, 9, 9, 0]
+    written(manager, 1, second)
+    manager.free(0)
+    manager.free(1)
+    assert manager.match(2, second, 8) == 8
+
+
+def test_private_blocks_are_those_no_other_sequence_holds():
+    manager = cached()
+    written(manager, 0, list(range(10)))
+    assert manager.match(1, list(range(10)), 9) == 8
+    assert (manager.num_private_blocks(0), manager.num_private_blocks(1)) == (1, 0)
