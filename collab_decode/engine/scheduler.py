@@ -86,18 +86,48 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop (back to waiting)
             budget = self._schedule_one(seq, budget, out)
+        computing: set[tuple[int, ...]] = set()  # the first uncached block of each sequence admitted (its prefix)
         while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            if not all(self.kv[m].can_allocate(seq.seq_id, seq.num_tokens + 1) for m in self._pools_of(seq)):
+            if not all(self._can_admit(seq, m) for m in self._pools_of(seq)):
                 break  # admission checks every pool the request will use; keep arrival order
+            block = self._first_uncached_block(seq)
+            if block is not None and block in computing:
+                break  # a sequence admitted now computes that block: it waits a step and finds it cached
+            computing.add(block)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             for model in self._pools_of(seq):
-                if model == SMALL or seq.mode == "speculative" or seq.routes_all:  # (the others: at `reserve`)
+                if self._matched_at_admission(seq, model):
                     self._match_prefix(seq, model)
             budget = self._schedule_one(seq, budget, out)
         return out
+
+    @staticmethod
+    def _matched_at_admission(seq: Sequence, model: str) -> bool:
+        """Whether a model's cache of a sequence starts from the prefix cache at admission: the small model's, and
+        the large model's where it runs from the first token (`large`, speculative); others' at `reserve`."""
+        return model == SMALL or seq.mode == "speculative" or seq.routes_all
+
+    def _can_admit(self, seq: Sequence, model: str) -> bool:
+        """Whether `model`'s pool has room for the sequence's tokens and its next one (the cached blocks it will
+        find count for it, where it finds them at admission)."""
+        kv = self.kv[model]
+        if self._matched_at_admission(seq, model) and not (seq.needs_prompt_logprobs and model == seq.prompt_scorer):
+            return kv.can_admit(seq.seq_id, seq.token_ids, seq.num_tokens + 1)
+        return kv.can_allocate(seq.seq_id, seq.num_tokens + 1)
+
+    def _first_uncached_block(self, seq: Sequence) -> tuple[int, ...] | None:
+        """(Prefix caching.) A waiting sequence's tokens up to the end of the first block of its small-model cache
+        not in the prefix cache, which its prefill computes first; None if no such whole block. Requests sharing a
+        prompt that arrive together (a system prompt; n choices of one prompt) thus prefill it once: the first is
+        admitted, the others a step later, when they find it cached."""
+        kv = self.kv[SMALL]
+        if not kv.prefix_caching or not seq.uses_small or seq.needs_prompt_logprobs:
+            return None
+        end = (len(kv.cached_blocks(seq.token_ids, seq.num_tokens - 1)) + 1) * kv.block_size
+        return tuple(seq.token_ids[:end]) if end <= seq.num_tokens - 1 else None
 
     def _match_prefix(self, seq: Sequence, model: str) -> None:
         """Start `model`'s cache of a sequence that holds none of its blocks from the cached blocks its tokens begin

@@ -66,6 +66,15 @@ class KVCacheManager:
     def can_allocate(self, seq_id: int, num_tokens: int) -> bool:
         return self.pool.can_allocate(self.num_blocks_needed(seq_id, num_tokens))
 
+    def can_admit(self, seq_id: int, token_ids: list[int], num_tokens: int) -> bool:
+        """can_allocate for a sequence that will first `match` token_ids: the cached blocks it finds need no new
+        block (but those on the free list leave it)."""
+        if not self.prefix_caching or self._tables.get(seq_id):
+            return self.can_allocate(seq_id, num_tokens)
+        found = self.cached_blocks(token_ids, len(token_ids) - 1)
+        num_new = max(0, _ceil_div(num_tokens, self.block_size) - len(found))
+        return num_new + sum(1 for b in found if self.pool.ref_count(b) == 0) <= self.pool.num_free
+
     def allocate(self, seq_id: int, num_tokens: int) -> None:
         """Grow `seq_id`'s table to hold `num_tokens` tokens (never shrinks it).
 
@@ -91,13 +100,7 @@ class KVCacheManager:
         (whole blocks, the longest run); returns how many tokens they hold (0 without prefix caching)."""
         if not self.prefix_caching or self._tables.get(seq_id):
             return 0
-        size, blocks, before = self.block_size, [], ROOT
-        for start in range(0, max_tokens - size + 1, size):
-            block = self._cache.get((*before, tuple(token_ids[start:start + size])))
-            if block is None:
-                break
-            blocks.append(block)
-            before = (block, self._generation[block])
+        blocks, size = self.cached_blocks(token_ids, max_tokens), self.block_size
         if blocks:
             self.pool.take(blocks)
             self._tables[seq_id] = blocks
@@ -105,6 +108,17 @@ class KVCacheManager:
         self.num_queried_tokens += len(token_ids)
         self.num_hit_tokens += len(blocks) * size
         return len(blocks) * size
+
+    def cached_blocks(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        """The longest run of cached blocks that the first `max_tokens` of token_ids begin with (taking none)."""
+        size, blocks, before = self.block_size, [], ROOT
+        for start in range(0, max_tokens - size + 1, size):
+            block = self._cache.get((*before, tuple(token_ids[start:start + size])))
+            if block is None:
+                break
+            blocks.append(block)
+            before = (block, self._generation[block])
+        return blocks
 
     def register(self, seq_id: int, token_ids: list[int], num_tokens: int) -> None:
         """The K/V of `seq_id`'s first num_tokens tokens (token_ids) is written and final: its whole blocks

@@ -132,10 +132,11 @@ def reference_prompt_logprobs(engine, prompt, sampling):
 
 
 def test_preempted_requests_recompute_from_the_cache(pair, uncached):
-    # pools of 20 blocks of 4 tokens cannot hold 4 sequences of ~60 tokens: the scheduler must preempt
-    engine = make_engine(*pair, block_size=4, small_kv_bytes=80 * 2 * 2 * 2 * 8 * 4,
-                         large_kv_bytes=80 * 2 * 3 * 2 * 16 * 4)
-    assert engine.kv["small"].pool.num_blocks == 20
+    # pools of 18 blocks of 4 tokens cannot hold 4 sequences of ~60 tokens, even sharing 9 blocks: the scheduler
+    # must preempt
+    engine = make_engine(*pair, block_size=4, small_kv_bytes=72 * 2 * 2 * 2 * 8 * 4,
+                         large_kv_bytes=72 * 2 * 3 * 2 * 16 * 4)
+    assert engine.kv["small"].pool.num_blocks == 18
     policies = ["small", "random:0.3", "speculative:3", "large"]
     ids = [engine.add_request(p, s, policy) for p, s, policy in zip(PROMPTS, seeded("small"), policies)]
     finished = {}
@@ -184,3 +185,18 @@ def test_the_flag_turns_it_off(pair):
     engine.generate(PROMPTS[:2], GREEDY, "random:0.3")
     assert not any(kv.prefix_caching for kv in engine.kv.values())
     assert engine.generate(PROMPTS[1:2], GREEDY, "small")[0].stats["cached_tokens"] == 0
+
+
+def test_requests_arriving_together_prefill_a_shared_prompt_once(pair, uncached):
+    """Requests that begin the same and arrive together: the first is admitted and computes the shared blocks; the
+    others wait one step and find them cached (the n choices of one prompt, a burst with one system prompt)."""
+    engine = make_engine(*pair, block_size=4)
+    samplings = seeded("small")
+    seqs = [engine.seqs[engine.add_request(p, s, "small")] for p, s in zip(PROMPTS, samplings)]
+    engine.step()
+    assert [s.status.value for s in seqs] == ["running", "waiting", "waiting", "waiting"]
+    while engine.has_unfinished():
+        engine.step()
+    assert [s.stats.num_cached_tokens for s in seqs] == [0, 36, 36, 28]
+    assert [(s.output_ids, s.provenance) for s in seqs] == uncached["small"]
+    check_all_free(engine)

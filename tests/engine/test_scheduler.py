@@ -209,3 +209,15 @@ def test_a_sequence_whose_blocks_others_share_too_is_not_preempted_for_room():
     preempted = scheduler.reserve(LARGE, [old], [old.num_tokens + 12])  # 3 more blocks: 1 more than are free
     assert preempted == [old] and old.status is Status.WAITING
     assert sharer.status is Status.RUNNING and kv[LARGE].block_table(sharer.seq_id) != []
+
+
+def test_a_waiting_sequence_is_admitted_on_the_cached_blocks_it_will_find():
+    """Prefix caching: admission asks the pool only for the blocks a sequence's cached prefix does not give it."""
+    kv = {SMALL: KVCacheManager(5, BLOCK, prefix_caching=True)}
+    scheduler = Scheduler(SchedulerConfig(), kv)
+    (first,) = create_requests(scheduler, [12])
+    run_plan(scheduler.schedule())  # 13 tokens: 4 blocks of 5
+    kv[SMALL].register(first.seq_id, first.token_ids, 12)
+    (second,) = create_requests(scheduler, [14])  # its 12 first tokens are first's: 1 new block for 15 tokens
+    plan = scheduler.schedule()
+    assert second in plan.seqs and second.num_cached[SMALL] == 12 and plan.preempted == []

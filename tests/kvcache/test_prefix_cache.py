@@ -159,3 +159,14 @@ def test_private_blocks_are_those_no_other_sequence_holds():
     written(manager, 0, list(range(10)))
     assert manager.match(1, list(range(10)), 9) == 8
     assert (manager.num_private_blocks(0), manager.num_private_blocks(1)) == (1, 0)
+
+
+def test_admission_counts_the_cached_blocks_a_sequence_will_find():
+    manager = cached(num_blocks=4, block_size=4)
+    written(manager, 0, list(range(12)))  # 3 blocks held, 1 free
+    tokens = list(range(12)) + [99, 98]
+    assert not manager.can_allocate(1, 15)  # 4 blocks from scratch
+    assert manager.can_admit(1, tokens, 15)  # finds 3 (held: they stay off the free list), needs 1
+    manager.free(0)  # now the 3 cached blocks are free too: taking them leaves 1 free for the new one
+    assert manager.can_admit(1, tokens, 15) and not manager.can_admit(1, tokens, 21)
+    assert KVCacheManager(4, 4).can_admit(1, tokens, 15) == KVCacheManager(4, 4).can_allocate(1, 15)

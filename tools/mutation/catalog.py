@@ -202,7 +202,7 @@ MUTATIONS: list[Mutation] = [
              "a chunk's query attends to the key after it"),
     # ---- scheduler: admission, budget, preemption ---------------------------------------------------
     Mutation("admission-ignores-pools", "scheduler", SCHEDULER,
-             "if not all(self.kv[m].can_allocate(seq.seq_id, seq.num_tokens + 1) for m in self._pools_of(seq)):",
+             "if not all(self._can_admit(seq, m) for m in self._pools_of(seq)):",
              "if False:",
              (SCHED_TESTS,), "requests are admitted whether or not the pools can take them"),
     Mutation("admission-ignores-large-pool", "scheduler", SCHEDULER,
@@ -280,6 +280,14 @@ MUTATIONS: list[Mutation] = [
              "before = (twin, self._generation[twin]) if twin is not None else (block, self._generation[block])",
              "before = (block, self._generation[block])",
              KV_TESTS, "the blocks after a twin are keyed after it, where no later sequence looks"),
+    Mutation("prefix-burst-prefills-each", "prefix cache", SCHEDULER,
+             "            if block is not None and block in computing:\n                break",
+             "            if False:\n                break",
+             (PREFIX_TESTS,), "requests sharing a prompt that arrive together each compute it"),
+    Mutation("prefix-admission-ignores-cache", "prefix cache", SCHEDULER,
+             "            return kv.can_admit(seq.seq_id, seq.token_ids, seq.num_tokens + 1)",
+             "            return kv.can_allocate(seq.seq_id, seq.num_tokens + 1)",
+             (SCHED_TESTS,), "admission asks for blocks the sequence will find cached"),
     Mutation("prefix-blocks-filled-in-decode-uncached", "prefix cache", "collab_decode/engine/runner.py",
              "            if size and seq.num_cached[model] % size == 0:", "            if False:",
              (PREFIX_TESTS,), "blocks the usual decode step fills never enter the cache (a preempted request "
