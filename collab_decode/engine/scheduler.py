@@ -182,7 +182,8 @@ class Scheduler:
         needed. Returns the sequences that were preempted (possibly some of `seqs`)."""
         preempted: list[Sequence] = []
         for seq, n in zip(seqs, num_tokens):
-            if seq.status is Status.RUNNING and not self.kv[model].has(seq.seq_id) and seq.mode != "speculative":
+            if (seq.status is Status.RUNNING and not self.kv[model].has(seq.seq_id)
+                    and not self._matched_at_admission(seq, model)):
                 self._match_prefix(seq, model)  # its first large call since admission
             if seq.status is Status.RUNNING and self._make_room(model, seq, n, None, preempted):
                 self.kv[model].allocate(seq.seq_id, n)
@@ -211,7 +212,7 @@ class Scheduler:
         manager = self.kv[model]
         while not manager.can_allocate(seq.seq_id, num_tokens):
             # (a sequence whose blocks others share too would free none: prefix caching)
-            holders = [s for s in self.running if s is not seq and manager.num_private_blocks(s.seq_id) > 0]
+            holders = [s for s in self.running if s is not seq and manager.frees_blocks(s.seq_id)]
             victim = max(holders + [seq], key=lambda s: s.arrival)
             self._preempt(victim, out)
             if preempted is not None:

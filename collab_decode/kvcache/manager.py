@@ -40,7 +40,9 @@ class KVCacheManager:
         self._cache: dict[tuple, int] = {}
         self._key: dict[int, tuple] = {}  # block -> its key in _cache (cached blocks only)
         self._generation = [0] * num_blocks if prefix_caching else []  # times each block took new content
-        self._num_known: dict[int, int] = {}  # seq -> leading blocks of its table that are in the cache or matched
+        # seq -> (leading blocks of its table that are in the cache, matched or registered; the (block, generation)
+        # that the key of its next block names: its last such block, or the cached twin of it)
+        self._known: dict[int, tuple[int, tuple[int, int]]] = {}
         self.num_queried_tokens = 0  # tokens of sequences that looked for a cached prefix (`match`)
         self.num_hit_tokens = 0  # of them, tokens found cached
 
@@ -104,7 +106,7 @@ class KVCacheManager:
         if blocks:
             self.pool.take(blocks)
             self._tables[seq_id] = blocks
-            self._num_known[seq_id] = len(blocks)
+            self._known[seq_id] = (len(blocks), (blocks[-1], self._generation[blocks[-1]]))
         self.num_queried_tokens += len(token_ids)
         self.num_hit_tokens += len(blocks) * size
         return len(blocks) * size
@@ -126,11 +128,10 @@ class KVCacheManager:
         if not self.prefix_caching:
             return
         table, size = self._tables.get(seq_id), self.block_size
-        known = self._num_known.get(seq_id, 0)
+        known, before = self._known.get(seq_id, (0, ROOT))
         full = min(num_tokens // size, len(table)) if table else 0
         if full <= known:
             return
-        before = (table[known - 1], self._generation[table[known - 1]]) if known else ROOT
         for i in range(known, full):
             block = table[i]
             key = (*before, tuple(token_ids[i * size:(i + 1) * size]))
@@ -141,11 +142,14 @@ class KVCacheManager:
             # the blocks after it are keyed after the cached block with its content (its twin, when another
             # sequence computed the same tokens first), so a later sequence walking the cache reaches them
             before = (twin, self._generation[twin]) if twin is not None else (block, self._generation[block])
-        self._num_known[seq_id] = full
+        self._known[seq_id] = (full, before)
 
-    def num_private_blocks(self, seq_id: int) -> int:
-        """Blocks of `seq_id` that no other sequence holds: what freeing it would give back to the pool."""
-        return sum(1 for b in self._tables.get(seq_id, ()) if self.pool.ref_count(b) == 1)
+    def frees_blocks(self, seq_id: int) -> bool:
+        """Whether freeing `seq_id` would give a block back to the pool (one that no other sequence holds)."""
+        table = self._tables.get(seq_id, ())
+        if not self.prefix_caching:
+            return bool(table)  # (no block is shared)
+        return any(self.pool.ref_count(b) == 1 for b in table)
 
     def forget_content(self, seq_id: int) -> list[int]:
         """The blocks only `seq_id` holds, taken out of the prefix cache: their K/V is about to be cleared
@@ -158,6 +162,8 @@ class KVCacheManager:
 
     def _drop(self, block: int) -> None:
         """Take a block out of the prefix cache: its content is about to change."""
+        if not self.prefix_caching:
+            return
         self._generation[block] += 1
         key = self._key.pop(block, None)
         if key is not None:
@@ -177,7 +183,7 @@ class KVCacheManager:
                 f"cannot truncate sequence {seq_id} to {num_tokens} tokens: its table holds "
                 f"only {len(table) * self.block_size} ({len(table)} blocks)"
             )
-        known = self._num_known.get(seq_id, 0)
+        known = self._known.get(seq_id, (0, ROOT))[0]
         if num_tokens < known * self.block_size:  # the prefix cache's blocks are never written again
             raise ValueError(f"cannot truncate sequence {seq_id} to {num_tokens} tokens: its first "
                              f"{known * self.block_size} are in the prefix cache")
@@ -188,7 +194,7 @@ class KVCacheManager:
     def free(self, seq_id: int) -> None:
         """Return all of `seq_id`'s blocks to the pool and forget it (no-op if unknown)."""
         table = self._tables.pop(seq_id, None)
-        self._num_known.pop(seq_id, None)
+        self._known.pop(seq_id, None)
         if table:
             self.pool.free(reversed(table))
 

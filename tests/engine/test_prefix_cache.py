@@ -180,11 +180,24 @@ def test_a_failed_requests_blocks_leave_the_cache(tmp_path):
     check_all_free(engine)
 
 
-def test_the_flag_turns_it_off(pair):
+def test_the_flag_turns_it_off(tmp_path):
+    poison = 300
+    pair = make_poisoned_pair(tmp_path, poison)
     engine = make_engine(*pair, block_size=4, enable_prefix_caching=False)
     engine.generate(PROMPTS[:2], GREEDY, "random:0.3")
     assert not any(kv.prefix_caching for kv in engine.kv.values())
     assert engine.generate(PROMPTS[1:2], GREEDY, "small")[0].stats["cached_tokens"] == 0
+    bad, good = engine.generate([SHARED + [poison, 1], PROMPTS[0]], GREEDY, "small")  # a failure clears its blocks
+    assert bad.finish_reason == "error" and good.finish_reason == "length"
+    check_all_free(engine)
+
+
+def test_a_large_request_looks_its_prompt_up_once(pair):
+    engine = make_engine(*pair, block_size=4)
+    engine.generate(PROMPTS[:1], GREEDY, "large")
+    large = engine.kv["large"]
+    assert (large.num_queried_tokens, large.num_hit_tokens, engine.kv["small"].num_queried_tokens) == \
+        (len(PROMPTS[0]), 0, 0)
 
 
 def test_requests_arriving_together_prefill_a_shared_prompt_once(pair, uncached):

@@ -205,7 +205,7 @@ def test_a_sequence_whose_blocks_others_share_too_is_not_preempted_for_room():
     scheduler.reserve(LARGE, [old], [old.num_tokens])  # old's first large call: 3 blocks, 2 of them full
     kv[LARGE].register(old.seq_id, old.token_ids, 8)
     scheduler.reserve(LARGE, [sharer], [8])  # finds old's 2 full blocks, needs no block of its own
-    assert sharer.num_cached[LARGE] == 8 and kv[LARGE].num_private_blocks(sharer.seq_id) == 0
+    assert sharer.num_cached[LARGE] == 8 and not kv[LARGE].frees_blocks(sharer.seq_id)
     preempted = scheduler.reserve(LARGE, [old], [old.num_tokens + 12])  # 3 more blocks: 1 more than are free
     assert preempted == [old] and old.status is Status.WAITING
     assert sharer.status is Status.RUNNING and kv[LARGE].block_table(sharer.seq_id) != []

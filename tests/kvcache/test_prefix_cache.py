@@ -154,11 +154,30 @@ def test_what_follows_a_twin_block_is_found_through_the_first():
     assert manager.match(2, second, 8) == 8
 
 
-def test_private_blocks_are_those_no_other_sequence_holds():
+def test_what_a_twin_computes_later_is_found_too():
+    """The same, the second sequence's next block registered by a later call (it decoded on)."""
+    manager = cached()
+    written(manager, 0, list(range(8)))
+    second = list(range(8)) + [9, 9, 9, 9, 0]
+    written(manager, 1, second[:8])
+    manager.allocate(1, 13)
+    manager.register(1, second, 12)
+    manager.free(0)
+    manager.free(1)
+    assert manager.match(2, second, 12) == 12
+
+
+def test_a_sequence_frees_blocks_only_if_it_holds_one_alone():
     manager = cached()
     written(manager, 0, list(range(10)))
     assert manager.match(1, list(range(10)), 9) == 8
-    assert (manager.num_private_blocks(0), manager.num_private_blocks(1)) == (1, 0)
+    assert (manager.frees_blocks(0), manager.frees_blocks(1)) == (True, False)
+
+
+def test_without_prefix_caching_a_failed_sequences_blocks_are_all_its_own():
+    manager = KVCacheManager(8, 4)
+    manager.allocate(0, 6)
+    assert manager.forget_content(0) == manager.block_table(0) and manager.frees_blocks(0)
 
 
 def test_admission_counts_the_cached_blocks_a_sequence_will_find():
