@@ -142,26 +142,18 @@ def test_a_failed_sequences_own_blocks_leave_the_cache():
     assert manager.match(2, tokens, 11) == 4 and manager.block_table(2) == shared
 
 
-def test_what_follows_a_twin_block_is_found_through_the_first():
-    """Two sequences computed the same first block at once (the second's is a twin, not cached): the second's
-    next block is keyed after the cached one, so a later sequence with the second's tokens finds both."""
-    manager = cached()
-    written(manager, 0, list(range(8)))
-    second = list(range(4)) + [9, 9, 9, 9, 0]
-    written(manager, 1, second)
-    manager.free(0)
-    manager.free(1)
-    assert manager.match(2, second, 8) == 8
-
-
-def test_what_a_twin_computes_later_is_found_too():
-    """The same, the second sequence's next block registered by a later call (it decoded on)."""
+@pytest.mark.parametrize("later", [False, True])
+def test_what_follows_a_twin_block_is_found_through_the_first(later):
+    """Two sequences computed the same blocks at once (the second's are twins, not cached): the blocks the second
+    computes after them, in the same register call or a later one (it decoded on), are keyed after the cached
+    ones, so a later sequence with the second's tokens finds them all."""
     manager = cached()
     written(manager, 0, list(range(8)))
     second = list(range(8)) + [9, 9, 9, 9, 0]
-    written(manager, 1, second[:8])
-    manager.allocate(1, 13)
-    manager.register(1, second, 12)
+    written(manager, 1, second[:8] if later else second)
+    if later:
+        manager.allocate(1, 13)
+        manager.register(1, second, 12)
     manager.free(0)
     manager.free(1)
     assert manager.match(2, second, 12) == 12
