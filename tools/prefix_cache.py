@@ -28,7 +28,7 @@ from collab_decode.demo.tokenizer import chat_prompt
 from collab_decode.pairs import pair_routers
 from collab_decode.serve.cli import default_threads, usable_cores
 
-MAX_TOKENS = 330  # the demo models see 512 positions: the earlier turn, the question and the answer fit
+MAX_TOKENS = 330  # the demo models see 512 positions: the earlier turns, the question and the answer fit
 
 
 def earlier_turns(tokenizer) -> str:

@@ -110,11 +110,17 @@ class Scheduler:
         the large model's where it runs from the first token (`large`, speculative); others' at `reserve`."""
         return model == SMALL or seq.mode == "speculative" or seq.routes_all
 
+    @staticmethod
+    def _reads_cache(seq: Sequence, model: str) -> bool:
+        """Whether `model` may start a sequence from the prefix cache: not the model scoring its prompt
+        (prompt_logprobs), which needs its logits at every prompt position."""
+        return not (seq.needs_prompt_logprobs and model == seq.prompt_scorer)
+
     def _can_admit(self, seq: Sequence, model: str) -> bool:
         """Whether `model`'s pool has room for the sequence's tokens and its next one (the cached blocks it will
         find count for it, where it finds them at admission)."""
         kv = self.kv[model]
-        if self._matched_at_admission(seq, model) and not (seq.needs_prompt_logprobs and model == seq.prompt_scorer):
+        if self._matched_at_admission(seq, model) and self._reads_cache(seq, model):
             return kv.can_admit(seq.seq_id, seq.token_ids, seq.num_tokens + 1)
         return kv.can_allocate(seq.seq_id, seq.num_tokens + 1)
 
@@ -135,7 +141,7 @@ class Scheduler:
         at admission, the large model's when it first runs on the sequence (a token-level sequence's first routed
         token; a `large` or speculative one's admission, whose token_ids hold no draft then). Not the model that
         scores the prompt (prompt_logprobs): every prompt position needs that model's logits."""
-        if seq.needs_prompt_logprobs and model == seq.prompt_scorer:
+        if not self._reads_cache(seq, model):
             return
         seq.num_cached[model] = self.kv[model].match(seq.seq_id, seq.token_ids, seq.num_tokens - 1)
         if seq.stats.num_preemptions == 0 and model == (SMALL if seq.uses_small else LARGE):

@@ -16,9 +16,8 @@ PROMPTS = [SHARED + [5, 17, 42], SHARED + [100, 3], SHARED + [7, 9, 11, 13, 15],
 POLICIES = ["small", "large", "random:0.3", "confidence:0.0035", "speculative:3"]
 
 
-def seeded(policy: str) -> list[SamplingParams]:
-    """Greedy, each request its own seed (random:p draws its routing from it)."""
-    return [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, seed=i) for i in range(len(PROMPTS))]
+# greedy, each request its own seed (random:p draws its routing from it)
+SEEDED = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, seed=i) for i in range(len(PROMPTS))]
 
 
 def outputs(results) -> list[tuple[list[int], list[str]]]:
@@ -35,14 +34,14 @@ def check_all_free(engine):
 def uncached(pair):
     """Each prompt alone, per policy, on an engine without prefix caching."""
     engine = make_engine(*pair, block_size=4, enable_prefix_caching=False)
-    return {policy: outputs([engine.generate([p], s, policy)[0] for p, s in zip(PROMPTS, seeded(policy))])
+    return {policy: outputs([engine.generate([p], s, policy)[0] for p, s in zip(PROMPTS, SEEDED)])
             for policy in POLICIES}
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_cached_prefixes_write_what_computed_ones_write(pair, uncached, policy):
     engine = make_engine(*pair, block_size=4)
-    samplings = seeded(policy)
+    samplings = SEEDED
     first = engine.generate(PROMPTS[:1], samplings[:1], policy)  # computes the shared prefix, which stays cached
     assert first[0].stats["cached_tokens"] == 0
     alone = [engine.generate([p], s, policy)[0] for p, s in zip(PROMPTS[1:], samplings[1:])]
@@ -138,7 +137,7 @@ def test_preempted_requests_recompute_from_the_cache(pair, uncached):
                          large_kv_bytes=72 * 2 * 3 * 2 * 16 * 4)
     assert engine.kv["small"].pool.num_blocks == 18
     policies = ["small", "random:0.3", "speculative:3", "large"]
-    ids = [engine.add_request(p, s, policy) for p, s, policy in zip(PROMPTS, seeded("small"), policies)]
+    ids = [engine.add_request(p, s, policy) for p, s, policy in zip(PROMPTS, SEEDED, policies)]
     finished = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -204,7 +203,7 @@ def test_requests_arriving_together_prefill_a_shared_prompt_once(pair, uncached)
     """Requests that begin the same and arrive together: the first is admitted and computes the shared blocks; the
     others wait one step and find them cached (the n choices of one prompt, a burst with one system prompt)."""
     engine = make_engine(*pair, block_size=4)
-    samplings = seeded("small")
+    samplings = SEEDED
     seqs = [engine.seqs[engine.add_request(p, s, "small")] for p, s in zip(PROMPTS, samplings)]
     engine.step()
     assert [s.status.value for s in seqs] == ["running", "waiting", "waiting", "waiting"]

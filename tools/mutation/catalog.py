@@ -261,7 +261,7 @@ MUTATIONS: list[Mutation] = [
              "self.kv[model].match(seq.seq_id, seq.token_ids, seq.num_tokens)",
              (PREFIX_TESTS,), "a prompt found whole in the cache leaves no token to compute its next token's logits"),
     Mutation("prefix-scorer-matches", "prefix cache", SCHEDULER,
-             "        if seq.needs_prompt_logprobs and model == seq.prompt_scorer:\n            return\n", "",
+             "        return not (seq.needs_prompt_logprobs and model == seq.prompt_scorer)", "        return True",
              (PREFIX_TESTS,), "the model scoring a prompt skips its cached part (those positions get no logprobs)"),
     Mutation("prefix-speculative-registers-drafts", "prefix cache", "collab_decode/engine/runner.py",
              'not scores \\\n                    and seq.mode != "speculative":', "not scores:",
