@@ -110,15 +110,24 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
-                    routing: str | dict | RoutingSpec | None = None, stream_text: bool = True) -> int:
+                    routing: str | dict | RoutingSpec | None = None, stream_text: bool = True,
+                    seq_id: int | None = None) -> int:
         """Queue a request; returns its id. Raises ValueError for a request that can never run.
         `stream_text`: each step's output carries the text of its tokens; False: text comes at the end
         and whenever the caller asks (`self.output.flush_text`), detokenized a window at a time, unless
-        a stop string or step routing needs it every step."""
+        a stop string or step routing needs it every step. `seq_id`: the caller's id for it (an engine
+        process's client numbers the requests it sends without waiting for an answer), unused by any request
+        in the engine; None: the engine numbers it."""
         sampling = sampling or SamplingParams()
         spec = parse_routing(routing or self.config.default_policy)
         router = self.router_for(spec)
-        seq = Sequence(next(self._ids), list(prompt_ids), sampling, arrival=time.monotonic_ns(), spec=spec,
+        if seq_id is None:
+            seq_id = next(self._ids)
+            while seq_id in self.seqs:  # (past an id a caller chose)
+                seq_id = next(self._ids)
+        elif seq_id in self.seqs:
+            raise ValueError(f"request id {seq_id} is in use")
+        seq = Sequence(seq_id, list(prompt_ids), sampling, arrival=time.monotonic_ns(), spec=spec,
                        router=router, router_state=router.new_state(sampling.seed) if router else None,
                        generator=make_generator(sampling.seed, self.backends[SMALL].device), stream_text=stream_text)
         self._validate(seq)

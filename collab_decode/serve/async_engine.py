@@ -15,7 +15,8 @@ Data flow:
 The engine thread also builds the Engine when given a function that builds one, so all of the models'
 torch work (load, warm-up, steps) happens on that one thread: on a CPU, torch ops from a second thread
 run ~3x slower once another thread has run any (docs/benchmarks.md). `serve` goes further and gives an
-EngineProcess: the engine thread then drives an engine in a process of its own (serve/engine_core.py).
+EngineProcess: the engine thread then drives an engine in a process of its own (serve/engine_core.py),
+sending each request as it comes and reading the engine process's answer with a later step's outputs.
 The Engine is not thread-safe: only the engine thread touches it. add_request resolves only once the
 engine has accepted the request, so a bad request raises ValueError in the caller (HTTP 400, gRPC
 INVALID_ARGUMENT) before any output, and the engine thread carries on. At most `max_queue` requests
@@ -320,10 +321,10 @@ class AsyncEngine:
             self.engine.close()
 
     def _add_all(self, requests: list[_Request]) -> list[int | Exception]:
-        """Each request's sequence id, or the error that refused it. An engine process gets them all at once
-        and answers between two of its steps (one by one, each add would wait for a step)."""
+        """Each request's sequence id, or the error that refused it. An engine process's client sends them and
+        returns their ids at once; its answers come with a later step (_answered)."""
         if isinstance(self.engine, EngineCoreClient):
-            return self.engine.add_requests([(r.prompt_ids, r.sampling, r.routing) for r in requests])
+            return [self.engine.submit(r.prompt_ids, r.sampling, r.routing) for r in requests]
         results = []
         for r in requests:
             try:
@@ -340,7 +341,21 @@ class AsyncEngine:
             return
         request.seq_id = result
         self._active[request.seq_id] = request
-        self._post(_settle, request.accepted, None)
+        if not isinstance(self.engine, EngineCoreClient):  # else once the engine process answers (_answered)
+            self._post(_settle, request.accepted, None)
+
+    def _answered(self) -> None:
+        """Settle the requests an engine process answered (before their outputs: the answers came first)."""
+        answers, self.engine.answers = self.engine.answers, []
+        for seq_id, error in answers:
+            request = self._active.get(seq_id)
+            if request is None:
+                continue  # aborted meanwhile
+            if error is None:
+                self._post(_settle, request.accepted, None)
+            else:
+                del self._active[seq_id]
+                self._accept(request, error)
 
     def _abort(self, request: _Request) -> None:
         if request.seq_id is not None and self._active.pop(request.seq_id, None) is not None:
@@ -362,6 +377,8 @@ class AsyncEngine:
                                          "details"), include_queued=False)
             return
         remote = isinstance(self.engine, EngineCoreClient)  # then: the engine process's own steps
+        if remote:
+            self._answered()
         for seconds in self.engine.step_seconds if remote else [time.perf_counter() - t0]:
             self.metrics.step_seconds.observe(seconds)
         deliveries = []
@@ -403,6 +420,7 @@ class AsyncEngine:
                 self.engine.abort(seq_id)
             except Exception:
                 log.exception("abort of sequence %d failed", seq_id)
+            self._post(_settle, request.accepted, error)  # one an engine process has not answered yet
             self._post(request.outputs.put_nowait, error)
         self._active.clear()
         if self.engine is not None:

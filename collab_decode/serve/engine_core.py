@@ -7,8 +7,9 @@ concurrency 1, the server then delivered about half of the engine's tokens/s for
 (docs/benchmarks.md). Apart, the engine steps while the loop streams.
 
     server process: AsyncEngine's engine thread drives an EngineCoreClient as it would an Engine
-        add_request  --("add", prompt ids, sampling, routing)-->   Engine.add_request
-                     <--("added", seq id | ValueError)---------
+        submit       --("add", seq id, prompt ids, sampling, routing)-->  Engine.add_request, between steps
+                     <--("added", seq id, None | ValueError)---------    (read by a later step(): the
+                                                                         caller goes on meanwhile)
         abort        --("abort", seq id)---------------------->    Engine.abort, between steps
                      <--("state", EngineState)-----------------    (so /metrics sees the blocks freed)
         step         <--("step", [CoreOutput], EngineState, [s])--  Engine.step, while it has work (the
@@ -18,14 +19,18 @@ concurrency 1, the server then delivered about half of the engine's tokens/s for
                      <--("state", EngineState)-----------------    every IDLE_REPORT_S while idle
     engine process: run_engine_core(build, conn): build (load, warm-up) -> ("ready", EngineInfo) -> loop
 
-The client mirrors each sequence's logprobs and counts from the outputs (SeqMirror), so AsyncEngine reads
-a CoreOutput as it reads the Engine's RequestOutput. The builder must pickle (a module-level function,
-or functools.partial of one): the engine process starts fresh (spawn), never forked from a process
-that may hold threads.
+The client numbers the requests it sends and does not wait for the engine process's answer: a request that
+arrives while the engine steps is sent at once and added when that step ends (waiting for each answer held
+every request that came meanwhile back one more step). step() collects the answers (`answers`) with the
+outputs; add_request waits for its own. The client mirrors each sequence's logprobs and counts from the outputs
+(SeqMirror), so AsyncEngine reads a CoreOutput as it reads the Engine's RequestOutput. The builder must pickle
+(a module-level function, or functools.partial of one): the engine process starts fresh (spawn), never forked
+from a process that may hold threads.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import queue
 import signal
@@ -136,10 +141,11 @@ class SeqMirror:
 
 # ---- server side -----------------------------------------------------------------------------------
 class EngineCoreClient:
-    """Starts the engine process and speaks for it: AsyncEngine's engine thread calls add_request, abort,
-    step and has_unfinished as on an Engine; the server reads tokenizer, max_model_len, config, backends,
-    max_tokens_left and unavailable_models (from any thread). A reader thread takes every message off the
-    pipe: steps queue for step(), answers for the command that waits on them, states replace `state`."""
+    """Starts the engine process and speaks for it: AsyncEngine's engine thread calls submit, abort, step and
+    has_unfinished as on an Engine (add_request: submit, and wait for the answer); the server reads tokenizer,
+    max_model_len, config, backends, max_tokens_left and unavailable_models (from any thread). A reader
+    thread takes every message off the pipe: steps and answers queue for step() in the order they came,
+    states replace `state`."""
 
     def __init__(self, build: Callable, stream_interval_s: float = STREAM_INTERVAL_S):
         ctx = multiprocessing.get_context("spawn")
@@ -152,8 +158,12 @@ class EngineCoreClient:
                                     name="collab-decode-engine", daemon=True)
         self._process.start()
         child.close()
-        self._seqs: dict[int, SeqMirror] = {}  # unfinished sequences (engine thread only)
+        self._seqs: dict[int, SeqMirror] = {}  # sequences sent and not finished, refused or aborted
+        self._ids = itertools.count()
         self.step_seconds: list[float] = []  # durations of the engine steps the last step() returned
+        self.answers: list[tuple[int, Exception | None]] = []  # (seq id, its refusal or None) as they came
+        self._outputs: list[CoreOutput] = []  # received, not yet returned by step()
+        self._seconds: list[float] = []  # their steps' durations
         kind, *payload = self._recv()
         if kind == "failed":
             self._process.join(timeout=10)
@@ -161,8 +171,8 @@ class EngineCoreClient:
         info, self.state = payload  # EngineState: replaced as reports come
         self.tokenizer, self.max_model_len, self.config = info.tokenizer, info.max_model_len, info.config
         self.backends = dict.fromkeys(info.models)
-        self._steps: queue.Queue = queue.Queue()  # (outputs, seconds) per message; None once the pipe closed
-        self._answers: queue.Queue = queue.Queue()  # answers to add / abort; None once the pipe closed
+        # ("step", outputs, seconds) and ("added", seq id, error) in the order they came; None once the pipe closed
+        self._messages: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, name="collab-decode-engine-reader", daemon=True).start()
 
     def max_tokens_left(self, num_prompt_tokens: int) -> int:
@@ -174,24 +184,27 @@ class EngineCoreClient:
     def has_unfinished(self) -> bool:
         return bool(self._seqs)
 
-    def add_request(self, prompt_ids: list[int], sampling, routing=None) -> int:
-        result, = self.add_requests([(prompt_ids, sampling, routing)])
-        if isinstance(result, Exception):
-            raise result
-        return result
+    def submit(self, prompt_ids: list[int], sampling, routing=None) -> int:
+        """Send a request; returns its sequence id at once. The engine process adds it between two steps, and
+        its answer (None, or the error that refused it: ValueError for the request's fault) comes in `answers`
+        with a later step(), before any of its outputs."""
+        seq_id = next(self._ids)
+        self._seqs[seq_id] = SeqMirror(sampling, len(prompt_ids))
+        self._send(("add", seq_id, prompt_ids, sampling, routing))
+        return seq_id
 
-    def add_requests(self, requests: list[tuple]) -> list[int | Exception]:
-        """(prompt ids, sampling, routing) each -> its sequence id or the error that refused it. All are
-        sent before any answer is awaited, so the engine process takes them in one pause between steps."""
-        for prompt_ids, sampling, routing in requests:
-            self._send(("add", prompt_ids, sampling, routing))
-        results = []
-        for prompt_ids, sampling, _ in requests:
-            seq_id, error = self._answer()
-            if error is None:
-                self._seqs[seq_id] = SeqMirror(sampling, len(prompt_ids))
-            results.append(seq_id if error is None else error)
-        return results
+    def add_request(self, prompt_ids: list[int], sampling, routing=None) -> int:
+        """submit, and wait for the answer: the sequence id, or raise its refusal. Outputs that come meanwhile
+        wait for the next step(); the answer is taken out of `answers`."""
+        seq_id = self.submit(prompt_ids, sampling, routing)
+        while True:
+            for i, (answered, error) in enumerate(self.answers):
+                if answered == seq_id:
+                    del self.answers[i]
+                    if error is not None:
+                        raise error
+                    return seq_id
+            self._receive(block=True)
 
     def abort(self, seq_id: int) -> None:
         """Drop a sequence; the engine process frees its blocks before its next step (and reports it)."""
@@ -199,23 +212,37 @@ class EngineCoreClient:
             self._send(("abort", seq_id))
 
     def step(self) -> list[CoreOutput]:
-        """The outputs of the engine's next step (or of every step already received); [] if none came
-        within POLL_S, so the caller can pass on new requests and aborts meanwhile."""
-        self.step_seconds = []
+        """The outputs of the engine's next step (or of every step already received), and the answers that came
+        before them in `answers`; [] if nothing came within POLL_S, so the caller can pass on new requests and
+        aborts meanwhile."""
+        if not (self._outputs or self._seconds):
+            self._receive(block=True, timeout=POLL_S)
+        self._receive(block=False)
+        outputs, self._outputs = self._outputs, []
+        self.step_seconds, self._seconds = self._seconds, []
+        return outputs
+
+    def _receive(self, block: bool, timeout: float | None = None) -> None:
+        """Take the messages that came (waiting up to `timeout` for one if `block`; None: as long as it takes)."""
         try:
-            messages = [self._steps.get(timeout=POLL_S)]
+            messages = [self._messages.get(block, timeout)]
         except queue.Empty:
-            return []
-        while not self._steps.empty():
-            messages.append(self._steps.get_nowait())
-        outputs = []
+            return
+        while not self._messages.empty():
+            messages.append(self._messages.get_nowait())
         for message in messages:
             if message is None:
                 raise self._died()
-            step_outputs, seconds = message
-            self.step_seconds += seconds
-            outputs += [out for out in step_outputs if self._mirror(out)]
-        return outputs
+            kind, *payload = message
+            if kind == "added":
+                seq_id, error = payload
+                if error is not None:
+                    self._seqs.pop(seq_id, None)
+                self.answers.append((seq_id, error))
+            else:
+                step_outputs, seconds = payload
+                self._seconds += seconds
+                self._outputs += [out for out in step_outputs if self._mirror(out)]
 
     def _mirror(self, out: CoreOutput) -> bool:
         seq = self._seqs.get(out.seq_id)
@@ -242,22 +269,15 @@ class EngineCoreClient:
             try:
                 kind, *payload = self._conn.recv()
             except (EOFError, OSError):
-                self._steps.put(None)
-                self._answers.put(None)
+                self._messages.put(None)
                 return
             if kind == "step":
                 outputs, self.state, seconds = payload
-                self._steps.put((outputs, seconds))
+                self._messages.put(("step", outputs, seconds))
             elif kind == "state":
                 self.state = payload[0]
             else:
-                self._answers.put(payload)
-
-    def _answer(self) -> list:
-        answer = self._answers.get()
-        if answer is None:
-            raise self._died()
-        return answer
+                self._messages.put((kind, *payload))
 
     def _died(self) -> EngineCoreDied:
         return EngineCoreDied(f"the engine process exited (code {self._process.exitcode})")
@@ -335,11 +355,13 @@ class _Core:
                 self.engine.abort(payload[0])
                 self.conn.send(("state", EngineState.of(self.engine)))  # /metrics sees the blocks freed
                 continue
+            seq_id, *request = payload
             try:
                 # text is detokenized when outputs are sent (below), a few tokens at a time
-                self.conn.send(("added", self.engine.add_request(*payload, stream_text=False), None))
+                self.engine.add_request(*request, stream_text=False, seq_id=seq_id)
+                self.conn.send(("added", seq_id, None))
             except Exception as e:  # ValueError: the request's fault (HTTP 400); anything else is reported
-                self.conn.send(("added", None, _picklable(e)))
+                self.conn.send(("added", seq_id, _picklable(e)))
         return True
 
     def step(self) -> None:

@@ -146,6 +146,19 @@ def test_bad_requests_are_refused(engine):
     check_all_free(engine)
 
 
+def test_caller_chosen_request_ids(engine):
+    """An engine process takes its client's ids (serve/engine_core.py): one in use is refused, and the engine's
+    own numbering steps over the ids callers chose."""
+    chosen = engine.add_request(PROMPTS[0], GREEDY, seq_id=engine.add_request(PROMPTS[1], GREEDY) + 1)
+    with pytest.raises(ValueError, match="in use"):
+        engine.add_request(PROMPTS[2], GREEDY, seq_id=chosen)
+    numbered = engine.add_request(PROMPTS[2], GREEDY)
+    assert numbered != chosen and len({chosen, numbered, *engine.seqs}) == 3
+    while engine.has_unfinished():
+        engine.step()
+    check_all_free(engine)
+
+
 def test_compiled_decode_path_matches_eager(pair):
     """--compile: decode-only steps run through torch.compile; greedy output is unchanged."""
     compiled = make_engine(pair[0], compile=True)

@@ -5,6 +5,8 @@ that cannot be built fails the server's start with its error."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import threading
 import time
@@ -14,6 +16,7 @@ import httpx
 import pytest
 
 from collab_decode.sampling import SamplingParams
+from collab_decode.serve.async_engine import AsyncEngine
 from collab_decode.serve.engine_core import EngineCoreClient, EngineProcess
 from collab_decode.serve.grpc_gen import collab_decode_pb2 as pb
 from collab_decode.serve.grpc_gen import collab_decode_pb2_grpc as pb_grpc
@@ -23,6 +26,19 @@ from tests.serve.conftest import DEFAULT_POLICY, PROMPT, demo_engine, reference_
 
 def broken_engine():
     raise ValueError("no model in /nowhere")
+
+
+def slow_demo_engine(step_s: float):
+    """The demo engine, each step `step_s` longer: long enough to send requests within one step."""
+    engine = demo_engine()
+    step = engine.step
+
+    def slow_step():
+        time.sleep(step_s)
+        return step()
+
+    engine.step = slow_step
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +172,39 @@ def _refusal(client: EngineCoreClient, prompt_ids: list[int]) -> Exception | Non
     except Exception as e:
         return e
     return None
+
+
+def test_requests_that_come_during_a_step_start_together_after_it():
+    """The engine thread sends each request as it comes, without waiting for the engine process's answer to the
+    one before: two requests that arrive during one step are both added when it ends, so their first tokens come
+    from the same step. (Waiting for the first one's answer held the second back a whole step: at concurrency 64
+    a new request's first token came ~2.5 steps after it arrived.) A refused request still gets its error."""
+    step_s = 0.4
+
+    async def first_token_at(engine: AsyncEngine, prompt_ids: list[int], delay_s: float) -> float:
+        await asyncio.sleep(delay_s)
+        async with await engine.add_request(prompt_ids, SamplingParams(max_tokens=2, temperature=0.0)) as stream:
+            async for delta in stream:
+                if delta.token_ids:
+                    return time.perf_counter()
+
+    async def run() -> None:
+        engine = AsyncEngine(EngineProcess(functools.partial(slow_demo_engine, step_s)))
+        engine.start()
+        try:
+            await engine.wait_ready()
+            prompt_ids = engine.engine.tokenizer.encode(PROMPT)
+            running = await engine.add_request(prompt_ids, SamplingParams(max_tokens=50, temperature=0.0,
+                                                                           ignore_eos=True))
+            await running.__anext__()  # a step has just ended: the next one has begun
+            # both within that step (the second a quarter of a step after the first)
+            first, second = await asyncio.gather(first_token_at(engine, prompt_ids, 0.0),
+                                                 first_token_at(engine, prompt_ids, step_s / 4))
+            assert abs(second - first) < step_s / 2, "the second request started a step after the first"
+            with pytest.raises(ValueError, match="out of range"):
+                await engine.add_request([10**6], SamplingParams(max_tokens=2))
+            assert (await running.collect())[-1].finished  # the running request went on
+        finally:
+            await engine.stop()
+
+    asyncio.run(run())

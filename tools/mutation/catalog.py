@@ -356,6 +356,15 @@ MUTATIONS: list[Mutation] = [
              ("tests/serve/test_engine_process.py::test_a_command_longer_than_the_pipe_buffer_reaches_a_busy_engine",),
              "a command longer than the pipe's buffer waits until the engine process is idle (it reads only what "
              "the count announces, and the count comes after the write)"),
+    Mutation("engine-process-adds-wait-for-answers", "serve", "collab_decode/serve/async_engine.py",
+             "            return [self.engine.submit(r.prompt_ids, r.sampling, r.routing) for r in requests]",
+             "            ids = [self.engine.submit(r.prompt_ids, r.sampling, r.routing) for r in requests]\n"
+             "            while len(self.engine.answers) < len(ids):\n"
+             "                self.engine._receive(block=True)\n"
+             "            return ids",
+             ("tests/serve/test_engine_process.py::test_requests_that_come_during_a_step_start_together_after_it",),
+             "the engine thread waits for the engine process to answer each add (between two steps): a request that "
+             "comes meanwhile is sent after the next step has begun and starts a step later"),
     Mutation("entropy-gate-ignores-vocabulary", "routing", "collab_decode/routing/policies.py",
              "    return h if rest <= 0 else h - rest * math.log(rest / (vocab_size - 1))",
              "    return h if rest <= 0 else h - rest * math.log(rest)",
