@@ -1,6 +1,11 @@
 """Demo-pair decode speed of two revisions, side by side: A B A B ... in one run on one machine.
 
     .venv/bin/python tools/speed_compare.py BEFORE_REV AFTER_REV [--rounds 3] [--policies large entropy:0.3]
+    .venv/bin/python tools/speed_compare.py BEFORE_REV AFTER_REV --server [--levels 16 64] [--policies ...]
+
+With --server: `serve` of each revision (both started once, on the demo pair with its router, as `bench run`
+starts it), driven in turn over REST by this checkout's load generator at each concurrency (3 x concurrency
+requests, streamed): tokens/s and TTFT p50 / p95 per round, and the medians' after / before ratios.
 
 Each revision is checked out into a temporary worktree (its C modules built there); each measurement is a
 fresh process (so one revision's warm caches never help the other) that loads the demo pair, warms up, and times greedy
@@ -80,6 +85,47 @@ def build_extensions(tree: Path) -> None:
     subprocess.run([sys.executable, "-c", BUILD], cwd=tree, check=True, capture_output=True)
 
 
+def serve_and_drive(trees: dict[str, Path], policies: list[str], levels: list[int], rounds: int) -> dict:
+    """--server: (label, level, policy) -> [tokens/s, TTFT p50 ms, TTFT p95 ms] per round."""
+    import asyncio
+
+    from collab_decode.bench.load import RestSender, drive_server
+    from collab_decode.bench.suite import ServerProcess, num_requests
+    from collab_decode.bench.workload import demo_workload
+    from collab_decode.demo import checkpoint_dir
+    from collab_decode.engine.loading import load_tokenizer
+    from collab_decode.pairs import pair_routers
+    from collab_decode.serve.cli import default_threads, usable_cores
+
+    small, large = str(checkpoint_dir("small")), str(checkpoint_dir("large"))
+    routers = [f"{name}={path}" for name, path in pair_routers("demo").items()]
+    workload = demo_workload(load_tokenizer(small), 200)
+    servers = {label: ServerProcess(small, large, default_threads(), routers, usable_cores(), code=str(tree))
+               for label, tree in trees.items()}
+    results: dict[tuple, list] = {}
+    loop = asyncio.new_event_loop()
+    try:
+        senders = {label: RestSender(s.url, workload) for label, s in servers.items()}
+        for label, sender in senders.items():  # warm-up
+            loop.run_until_complete(drive_server(sender, "large", 4, 4))
+        for r in range(rounds):
+            for level in levels:
+                for policy in policies:
+                    for label, sender in senders.items():
+                        m = loop.run_until_complete(drive_server(sender, policy, num_requests(level, 24), level))
+                        row = [m.tokens_per_s, *m.percentiles_ms("ttft_s")]
+                        results.setdefault((label, level, policy), []).append(row)
+                        print(f"round {r + 1} {label:6} concurrency {level} {policy}: {row[0]:.0f} tok/s, TTFT p50 "
+                              f"{row[1]:.1f} ms, p95 {row[2]:.1f} ms", flush=True)
+        for sender in senders.values():
+            loop.run_until_complete(sender.close())
+    finally:
+        loop.close()
+        for server in servers.values():
+            server.stop()
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("before")
@@ -88,6 +134,8 @@ def main() -> int:
     parser.add_argument("--policies", nargs="+", default=["large", "entropy:0.3"])
     parser.add_argument("--batch1-problems", type=int, default=8, help="problems run one at a time")
     parser.add_argument("--batch", type=int, default=64, help="problems run at once")
+    parser.add_argument("--server", action="store_true", help="each revision's server over REST instead")
+    parser.add_argument("--levels", type=int, nargs="+", default=[16, 64], help="--server: concurrencies")
     args = parser.parse_args()
     results: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
     with tempfile.TemporaryDirectory(prefix="speed-compare-") as tmp:
@@ -97,6 +145,8 @@ def main() -> int:
             subprocess.run(["git", "worktree", "add", "-q", "--detach", str(trees[label]), rev], cwd=ROOT, check=True)
             build_extensions(trees[label])
         try:
+            if args.server:
+                return report_server(serve_and_drive(trees, args.policies, args.levels, args.rounds))
             for r in range(args.rounds):
                 for label in ("before", "after"):
                     row = measure(trees[label], args.policies, args.batch1_problems, args.batch)
@@ -111,6 +161,20 @@ def main() -> int:
     for key in results["before"]:
         b, a = statistics.median(results["before"][key]), statistics.median(results["after"][key])
         print(f"  {key:28} before {b:7.0f}  after {a:7.0f}  ratio {a / b:.3f}")
+    return 0
+
+
+def report_server(results: dict) -> int:
+    print("\nmedians (after / before):")
+    for (label, level, policy), rows in results.items():
+        if label != "before":
+            continue
+        before = [statistics.median(column) for column in zip(*rows)]
+        after = [statistics.median(column) for column in zip(*results[("after", level, policy)])]
+        print(f"  concurrency {level:3} {policy:12} tok/s {before[0]:6.0f} -> {after[0]:6.0f} "
+              f"({after[0] / before[0]:.3f}); "
+              f"TTFT p50 {before[1]:6.1f} -> {after[1]:6.1f} ms ({after[1] / before[1]:.3f}), "
+              f"p95 {before[2]:6.1f} -> {after[2]:6.1f} ms")
     return 0
 
 

@@ -46,14 +46,18 @@ class ServerProcess:
     """`collab-decode serve --small S --large L [--router NAME=DIR ...]` on free ports, until stop()."""
 
     def __init__(self, small: str, large: str, threads: int, routers: list[str] = (), chunk_threads: int = 0,
-                 device: str = "cpu", large_wait_steps: int = 0, prefix_caching: bool = False):
+                 device: str = "cpu", large_wait_steps: int = 0, prefix_caching: bool = False,
+                 code: str | None = None):
+        """`code`: a checkout whose collab_decode the server runs (default: this one's)."""
         # no prefix cache by default, as the engine runs (measure.timed_config)
         cmd = [sys.executable, "-m", "collab_decode.cli", "serve", "--small", small, "--large", large, "--port", "0",
                "--grpc-port", "0", "--log-level", "warning", "--threads", str(threads),
                "--chunk-threads", str(chunk_threads), "--device", device, "--large-wait-steps", str(large_wait_steps),
                "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
         cmd += [arg for router in routers for arg in ("--router", router)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = None if code is None else {**os.environ, "PYTHONPATH": code}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     cwd=code)
         lines = []
         for line in self.proc.stdout:  # the first line that names the ports says it is ready
             lines.append(line)

@@ -11,6 +11,7 @@ recognised first (`decodes`) and planned without that bookkeeping (`ScheduleOutp
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -97,6 +98,8 @@ class Scheduler:
             computing.add(block)
             self.waiting.popleft()
             seq.status = Status.RUNNING
+            if seq.queue_time_s is None:  # its first admission (a preempted request's next is not queueing)
+                seq.queue_time_s = (time.monotonic_ns() - seq.arrival) / 1e9
             self.running.append(seq)
             for model in self._pools_of(seq):
                 if self._matched_at_admission(seq, model):

@@ -59,6 +59,7 @@ class Sequence:
     router_state: Any = None  # what the router keeps for this sequence (Router.new_state)
     step_owner: str | None = None  # step mode: SMALL or LARGE writes the current step; None at a step start
     waiting_since: int | None = None  # the engine step from which its routed token waits for a large call
+    queue_time_s: float | None = None  # seconds from add_request to its first admission (None: not admitted yet)
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_cached: dict[str, int] = field(default_factory=lambda: {SMALL: 0, LARGE: 0})
     provenance: list[str] = field(default_factory=list)  # SMALL or LARGE per output token

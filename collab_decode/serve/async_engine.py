@@ -95,6 +95,7 @@ class Delta:
     finish_reason: str | None  # "stop" | "length" | "abort" at the end
     num_prompt_tokens: int
     stats: dict  # SequenceStats.as_dict(): small_tokens, large_tokens, large_share, large_calls, ...
+    queue_time_s: float | None = None  # seconds the engine held it before its first admission (None: not yet)
 
 
 @dataclass
@@ -117,7 +118,8 @@ class RequestStream:
     def __init__(self, engine: "AsyncEngine", request: _Request):
         self._engine = engine
         self._request = request
-        self._first_token_seen = False
+        self._first_token_at: float | None = None  # (for metrics)
+        self._num_tokens = 0
         weakref.finalize(self, engine._abandon, request)
 
     @property
@@ -155,12 +157,18 @@ class RequestStream:
     def _observe(self, delta: Delta) -> None:
         metrics = self._engine.metrics
         metrics.count_tokens(delta.provenance)
-        elapsed = time.perf_counter() - self._request.arrival
-        if delta.token_ids and not self._first_token_seen:
-            self._first_token_seen = True
+        now = time.perf_counter()
+        elapsed = now - self._request.arrival
+        if delta.token_ids and self._first_token_at is None:
+            self._first_token_at = now
             metrics.ttft.observe(elapsed)
+        self._num_tokens += len(delta.token_ids)
         if delta.finished:
             metrics.e2e.observe(elapsed)
+            if self._num_tokens > 1:
+                metrics.tpot.observe((now - self._first_token_at) / (self._num_tokens - 1))
+            if delta.queue_time_s is not None:
+                metrics.queue_time.observe(delta.queue_time_s)
             metrics.prompt_tokens.inc(delta.num_prompt_tokens)
             metrics.request_large_share.observe(delta.stats["large_share"])
             metrics.large_calls.inc(delta.stats["large_calls"])
@@ -405,7 +413,7 @@ class AsyncEngine:
                      prompt_logprobs=list(seq.prompt_logprobs) if start == 0 and seq.sampling.prompt_logprobs
                      is not None else None,
                      finished=out.finished, finish_reason=out.finish_reason,
-                     num_prompt_tokens=seq.num_prompt_tokens, stats=seq.stats.as_dict())
+                     num_prompt_tokens=seq.num_prompt_tokens, stats=seq.stats.as_dict(), queue_time_s=seq.queue_time_s)
 
     def _fail_all(self, error: Exception, include_queued: bool = True) -> None:
         """Fail every request in the engine (and those not yet added, when shutting down); free their blocks."""

@@ -107,6 +107,7 @@ class CoreOutput:
     stats: dict  # SequenceStats.as_dict()
     error: str | None
     error_code: str | None
+    queue_time_s: float | None = None  # Sequence.queue_time_s
     seq: "SeqMirror | None" = None
 
 
@@ -130,6 +131,7 @@ class SeqMirror:
     stats: _Stats = field(default_factory=lambda: _Stats({}))
     error: str | None = None
     error_code: str | None = None
+    queue_time_s: float | None = None
 
     def update(self, out: CoreOutput) -> None:
         self.logprobs += out.new_logprobs
@@ -137,6 +139,7 @@ class SeqMirror:
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         self.stats, self.error, self.error_code = _Stats(out.stats), out.error, out.error_code
+        self.queue_time_s = out.queue_time_s
 
 
 # ---- server side -----------------------------------------------------------------------------------
@@ -409,6 +412,7 @@ class _Core:
             if not out.finished:
                 out.new_text += self.engine.output.flush_text(seq)
             out.stats, out.error, out.error_code = seq.stats.as_dict(), seq.error, seq.error_code
+            out.queue_time_s = seq.queue_time_s
 
 
 def _picklable(e: BaseException) -> BaseException:

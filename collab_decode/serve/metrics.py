@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the REST layer)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# a token's time: from the small model alone on a CPU (~0.5 ms) to the large model under load
+_TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _SHARE_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 
@@ -50,6 +52,12 @@ class ServerMetrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("collab_decode_request_latency_seconds", "Arrival to last output token of "
                              "finished requests", buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("collab_decode_time_per_output_token_seconds", "Per finished request of two or more "
+                              "output tokens: first to last output token over the tokens after the first (TPOT)",
+                              buckets=_TPOT_BUCKETS, registry=r)
+        self.queue_time = Histogram("collab_decode_request_queue_time_seconds", "Per finished request: from the "
+                                    "engine taking it to its first admission to a batch (waiting for a slot or KV "
+                                    "blocks)", buckets=_LATENCY_BUCKETS, registry=r)
         self.step_seconds = Histogram("collab_decode_engine_step_seconds", "Duration of one engine step",
                                       buckets=_LATENCY_BUCKETS, registry=r)
         self._num_small = self._num_large = 0

@@ -116,17 +116,22 @@ def test_abort_and_preemption_free_every_block(pair):
     assert engine.kv["small"].pool.num_blocks == engine.kv["large"].pool.num_blocks == 12
     ids = [engine.add_request(p, GREEDY, policy) for p, policy in
            zip(PROMPTS, ["small", "random:0.5", "speculative:2", "large"])]
-    finished = {}
+    finished, queued = {}, {}
     for step in range(400):
         for out in engine.step():
             if out.finished:
                 finished[out.seq_id] = out.seq
+        for seq_id, seq in engine.seqs.items():  # each one's queue time, once it was first admitted
+            if seq.queue_time_s is not None:
+                queued.setdefault(seq_id, seq.queue_time_s)
         if step == 5:
             engine.abort(ids[1])
         if not engine.has_unfinished():
             break
     assert set(finished) == {ids[0], ids[2], ids[3]}
     assert sum(s.stats.num_preemptions for s in finished.values()) > 0
+    # the queue time is the wait before the first admission (/metrics), not moved by a preemption's readmission
+    assert all(s.queue_time_s == queued[i] is not None for i, s in finished.items())
     check_all_free(engine)
     # preempted sequences recompute to the same greedy output as an unconstrained engine
     reference = make_engine(*pair)

@@ -93,3 +93,19 @@ def test_prefix_cache_hits_equal_usage(client, server):
     assert delta(before, after, 'collab_decode_prefix_cache_hits_total{pool="small"}') == sum(cached)
     assert delta(before, after, 'collab_decode_prefix_cache_queries_total{pool="small"}') == \
         first.prompt_tokens + sum(u.prompt_tokens for u in chat) + got.usage.prompt_tokens
+
+
+def test_time_per_output_token_and_queue_time(client, server):
+    """One TPOT per finished request of two or more tokens, one queue time per finished request: a request's time
+    per token after its first fits in its latency (n - 1 times), and its time queued in the engine in its TTFT."""
+    before = server.wait_idle()
+    for max_tokens in (12, 1):
+        client.completions.create(model="demo", prompt=PROMPT, max_tokens=max_tokens, temperature=0,
+                                  extra_body={"routing": ROUTING, "ignore_eos": True})
+    after = server.wait_idle()
+    assert delta(before, after, "collab_decode_time_per_output_token_seconds_count") == 1  # not the 1-token one
+    assert delta(before, after, "collab_decode_request_queue_time_seconds_count") == 2
+    tpot = delta(before, after, "collab_decode_time_per_output_token_seconds_sum")
+    assert 0 < 11 * tpot < delta(before, after, "collab_decode_request_latency_seconds_sum")
+    queued = delta(before, after, "collab_decode_request_queue_time_seconds_sum")
+    assert 0 <= queued < delta(before, after, "collab_decode_time_to_first_token_seconds_sum")

@@ -365,6 +365,12 @@ MUTATIONS: list[Mutation] = [
              ("tests/serve/test_engine_process.py::test_requests_that_come_during_a_step_start_together_after_it",),
              "the engine thread waits for the engine process to answer each add (between two steps): a request that "
              "comes meanwhile is sent after the next step has begun and starts a step later"),
+    Mutation("queue-time-at-every-admission", "scheduler", SCHEDULER,
+             "            if seq.queue_time_s is None:  # its first admission",
+             "            if True:  # its first admission",
+             (f"{ENGINE_TESTS}::test_abort_and_preemption_free_every_block",),
+             "a preempted request's readmission sets its queue time again: /metrics counts the time it ran before "
+             "its preemption as queueing"),
     Mutation("entropy-gate-ignores-vocabulary", "routing", "collab_decode/routing/policies.py",
              "    return h if rest <= 0 else h - rest * math.log(rest / (vocab_size - 1))",
              "    return h if rest <= 0 else h - rest * math.log(rest)",
