@@ -316,11 +316,17 @@ class AsyncEngine:
                     break
                 commands, self._commands = self._commands, []
             adds = [request for kind, request in commands if kind == "add"]
-            for request, result in zip(adds, self._add_all(adds)):
-                self._accept(request, result)
-            for kind, request in commands:  # after the adds: a request may be added and aborted at once
-                if kind == "abort":
-                    self._abort(request)
+            try:
+                for request, result in zip(adds, self._add_all(adds)):
+                    self._accept(request, result)
+                for kind, request in commands:  # after the adds: a request may be added and aborted at once
+                    if kind == "abort":
+                        self._abort(request)
+            except EngineCoreDied as e:  # it died while this thread waited for work: found by the next send
+                for request in adds:  # (those not accepted yet are in no list _fail_all reads)
+                    self._post(_settle, request.accepted, EngineStopped(f"the engine stopped: {e}"))
+                self._died(e)
+                continue
             if self.engine.has_unfinished():
                 self._step()
             self.metrics.set_engine_state(self.engine)
@@ -373,11 +379,8 @@ class AsyncEngine:
         t0 = time.perf_counter()
         try:
             outputs = self.engine.step()
-        except EngineCoreDied as e:  # nothing can run any more: fail everyone, stop (/health says so)
-            log.error("the engine process died; failing every request and stopping: %s", e)
-            with self._cond:
-                self._stopping = True
-            self._fail_all(EngineStopped(f"the engine stopped: {e}"))
+        except EngineCoreDied as e:
+            self._died(e)
             return
         except Exception:  # a fault of the step itself (one request's faults end only that request)
             log.exception("engine step failed; failing the requests in flight")
@@ -402,6 +405,13 @@ class AsyncEngine:
                 del self._active[out.seq_id]
         if deliveries:
             self._post(_deliver, deliveries)
+
+    def _died(self, e: EngineCoreDied) -> None:
+        """Nothing can run any more: fail everyone and stop (/health says so)."""
+        log.error("the engine process died; failing every request and stopping: %s", e)
+        with self._cond:
+            self._stopping = True
+        self._fail_all(EngineStopped(f"the engine stopped: {e}"))
 
     @staticmethod
     def _delta(request: _Request, out) -> Delta:

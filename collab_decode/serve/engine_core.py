@@ -356,6 +356,7 @@ class _Core:
                 return False
             if kind == "abort":
                 self.engine.abort(payload[0])
+                self.prompt_logprobs_sent.discard(payload[0])
                 self.conn.send(("state", EngineState.of(self.engine)))  # /metrics sees the blocks freed
                 continue
             seq_id, *request = payload

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from collab_decode.sampling import SamplingParams
-from collab_decode.serve.async_engine import AsyncEngine
+from collab_decode.serve.async_engine import AsyncEngine, EngineStopped
 from collab_decode.serve.engine_core import EngineCoreClient, EngineProcess
 from collab_decode.serve.grpc_gen import collab_decode_pb2 as pb
 from collab_decode.serve.grpc_gen import collab_decode_pb2_grpc as pb_grpc
@@ -193,17 +193,40 @@ def test_requests_that_come_during_a_step_start_together_after_it():
         engine.start()
         try:
             await engine.wait_ready()
-            prompt_ids = engine.engine.tokenizer.encode(PROMPT)
-            running = await engine.add_request(prompt_ids, SamplingParams(max_tokens=50, temperature=0.0,
-                                                                           ignore_eos=True))
+            encode = engine.engine.tokenizer.encode
+            running = await engine.add_request(encode(PROMPT), SamplingParams(max_tokens=12, temperature=0.0,
+                                                                               ignore_eos=True))
             await running.__anext__()  # a step has just ended: the next one has begun
-            # both within that step (the second a quarter of a step after the first)
-            first, second = await asyncio.gather(first_token_at(engine, prompt_ids, 0.0),
-                                                 first_token_at(engine, prompt_ids, step_s / 4))
+            # both within that step, an eighth of a step apart; prompts that share no block (two requests that
+            # share one are admitted a step apart, so that one prefills it)
+            first, second = await asyncio.gather(first_token_at(engine, encode(PROMPT), step_s / 8),
+                                                 first_token_at(engine, encode("Bo has 17 shells."), step_s / 4))
             assert abs(second - first) < step_s / 2, "the second request started a step after the first"
             with pytest.raises(ValueError, match="out of range"):
                 await engine.add_request([10**6], SamplingParams(max_tokens=2))
             assert (await running.collect())[-1].finished  # the running request went on
+        finally:
+            await engine.stop()
+
+    asyncio.run(run())
+
+
+def test_an_engine_process_that_dies_while_idle_fails_the_next_request():
+    """The engine process dies while nothing runs (the server's engine thread is waiting for work): the next
+    request finds it when it is sent, and gets EngineStopped instead of waiting forever; so does every later one,
+    and the engine says it is not running (/health)."""
+    async def run() -> None:
+        engine = AsyncEngine(EngineProcess(demo_engine))
+        engine.start()
+        try:
+            await engine.wait_ready()
+            process = engine.engine._process
+            process.kill()
+            await asyncio.to_thread(process.join, 30)
+            for _ in range(2):
+                with pytest.raises(EngineStopped):
+                    await asyncio.wait_for(engine.add_request([1, 2, 3], SamplingParams(max_tokens=2)), 30)
+            assert not engine.is_running
         finally:
             await engine.stop()
 

@@ -365,6 +365,12 @@ MUTATIONS: list[Mutation] = [
              ("tests/serve/test_engine_process.py::test_requests_that_come_during_a_step_start_together_after_it",),
              "the engine thread waits for the engine process to answer each add (between two steps): a request that "
              "comes meanwhile is sent after the next step has begun and starts a step later"),
+    Mutation("engine-death-found-by-a-send-unhandled", "serve", "collab_decode/serve/async_engine.py",
+             "            except EngineCoreDied as e:  # it died while this thread waited for work",
+             "            except ZeroDivisionError as e:  # it died while this thread waited for work",
+             ("tests/serve/test_engine_process.py::test_an_engine_process_that_dies_while_idle_fails_the_next_request",),
+             "an engine process that died while idle is found by the next request's send, which ends the engine "
+             "thread: that request and every later one wait forever"),
     Mutation("queue-time-at-every-admission", "scheduler", SCHEDULER,
              "            if seq.queue_time_s is None:  # its first admission",
              "            if True:  # its first admission",
