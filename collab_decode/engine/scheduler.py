@@ -93,9 +93,10 @@ class Scheduler:
             if not all(self._can_admit(seq, m) for m in self._pools_of(seq)):
                 break  # admission checks every pool the request will use; keep arrival order
             block = self._first_uncached_block(seq)
-            if block is not None and block in computing:
-                break  # a sequence admitted now computes that block: it waits a step and finds it cached
-            computing.add(block)
+            if block is not None:
+                if block in computing:
+                    break  # a sequence admitted now computes that block: it waits a step and finds it cached
+                computing.add(block)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             if seq.queue_time_s is None:  # its first admission (a preempted request's next is not queueing)

@@ -267,6 +267,11 @@ class AsyncEngine:
         return stream
 
     @property
+    def _remote(self) -> bool:
+        """The engine is in a process of its own (EngineProcess): adds are answered with a later step."""
+        return isinstance(self.engine, EngineCoreClient)
+
+    @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
@@ -331,13 +336,13 @@ class AsyncEngine:
                 self._step()
             self.metrics.set_engine_state(self.engine)
         self._fail_all(EngineStopped("the server is shutting down", code=SHUTTING_DOWN))
-        if isinstance(self.engine, EngineCoreClient):
+        if self._remote:
             self.engine.close()
 
     def _add_all(self, requests: list[_Request]) -> list[int | Exception]:
         """Each request's sequence id, or the error that refused it. An engine process's client sends them and
         returns their ids at once; its answers come with a later step (_answered)."""
-        if isinstance(self.engine, EngineCoreClient):
+        if self._remote:
             return [self.engine.submit(r.prompt_ids, r.sampling, r.routing) for r in requests]
         results = []
         for r in requests:
@@ -355,7 +360,7 @@ class AsyncEngine:
             return
         request.seq_id = result
         self._active[request.seq_id] = request
-        if not isinstance(self.engine, EngineCoreClient):  # else once the engine process answers (_answered)
+        if not self._remote:  # else once the engine process answers (_answered)
             self._post(_settle, request.accepted, None)
 
     def _answered(self) -> None:
@@ -387,10 +392,10 @@ class AsyncEngine:
             self._fail_all(EngineStopped("the engine failed while running this request; the server logged the "
                                          "details"), include_queued=False)
             return
-        remote = isinstance(self.engine, EngineCoreClient)  # then: the engine process's own steps
-        if remote:
+        if self._remote:
             self._answered()
-        for seconds in self.engine.step_seconds if remote else [time.perf_counter() - t0]:
+        # an engine process's own steps, or this one
+        for seconds in self.engine.step_seconds if self._remote else [time.perf_counter() - t0]:
             self.metrics.step_seconds.observe(seconds)
         deliveries = []
         for out in outputs:
